@@ -1,0 +1,55 @@
+"""The interface every busbench model follows.
+
+- ``forward(x)`` takes ``(B, C, H, W)`` with C in {1, 3} and returns logits ``(B, num_classes, H, W)``.
+- Deep supervision: when ``deep_supervision`` is on and the module is in training mode, ``forward`` returns a
+  list ``[main, aux_1, ..., aux_n]`` of logits, all at input resolution, main first. In eval mode it returns the
+  main logits only, so inference code never sees the extra outputs.
+- ``check_input_size(h, w)`` raises :class:`ModelError` for sizes the architecture cannot take (never resizes).
+- ``encoder_modules()`` names the encoder, so that transfer learning can freeze it for every model.
+- ``bottleneck`` is the submodule whose output is the deepest feature map ``(B, C, h, w)`` (or tokens ``(B, N, C)``)
+  and ``bottleneck_channels`` its channel count, so that a classification head can be attached with a forward hook.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from busbench.errors import ModelError
+
+
+class SegModel(nn.Module):
+    """Base class holding the shared conventions; subclasses set the attributes in ``__init__``."""
+
+    #: input height and width must be a multiple of this
+    size_multiple: int = 1
+    #: if set, the only input sizes accepted (e.g. models with fixed position embeddings)
+    fixed_sizes: tuple[int, ...] | None = None
+    deep_supervision: bool = False
+    bottleneck: nn.Module
+    bottleneck_channels: int
+
+    def check_input_size(self, h: int, w: int) -> None:
+        name = type(self).__name__
+        if self.fixed_sizes is not None and (
+            h not in self.fixed_sizes or w not in self.fixed_sizes or h != w
+        ):
+            sizes = ", ".join(str(s) for s in self.fixed_sizes)
+            raise ModelError(
+                f"{name} accepts square inputs of size {sizes} only, got {h}x{w}; set data.image_size accordingly"
+            )
+        m = self.size_multiple
+        if h % m or w % m or h <= 0 or w <= 0:
+            raise ModelError(
+                f"{name} needs input height and width that are positive multiples of {m}, got {h}x{w}; "
+                f"set data.image_size to a multiple of {m}"
+            )
+
+    def encoder_modules(self) -> list[nn.Module]:
+        raise NotImplementedError(f"{type(self).__name__} does not define its encoder")
+
+    def _check(self, x: Tensor) -> None:
+        if x.ndim != 4:
+            raise ModelError(
+                f"{type(self).__name__} expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}"
+            )
+        self.check_input_size(x.shape[-2], x.shape[-1])

@@ -1,0 +1,102 @@
+"""Model registry: one name -> builder mapping, one entry point.
+
+Each model family module registers its builders with :func:`register_model`. :func:`create_model` is the only
+way the rest of busbench builds a network, so every model is constructed, checked and counted the same way.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from busbench.errors import ModelError
+
+# Family modules imported on first use, so that registering a model is adding a module to this list.
+FAMILY_MODULES = (
+    "busbench.models.unet",
+    "busbench.models.unetpp",
+    "busbench.models.unet3p",
+    "busbench.models.unext",
+    "busbench.models.cmunet",
+    "busbench.models.transunet",
+    "busbench.models.medt",
+    "busbench.models.swinunet",
+    "busbench.models.smp_family",
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    builder: Callable[..., nn.Module]
+    paper: str
+    input_sizes: str  # human-readable rule, e.g. "multiple of 16" or "224 only"
+    pretrained: bool  # whether pretrained weights can be loaded
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+_loaded = False
+
+
+def register_model(name: str, *, paper: str, input_sizes: str, pretrained: bool = False):
+    """Decorator registering ``builder(in_channels, num_classes, image_size, **kwargs) -> nn.Module``."""
+
+    def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise RuntimeError(f"model {name!r} registered twice")
+        _REGISTRY[name] = ModelSpec(name, builder, paper, input_sizes, pretrained)
+        return builder
+
+    return decorate
+
+
+def _load_families() -> None:
+    global _loaded
+    if _loaded:
+        return
+    for module in FAMILY_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    _loaded = True
+
+
+def model_specs() -> dict[str, ModelSpec]:
+    _load_families()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style pattern, sorted."""
+    return [n for n in model_specs() if fnmatch.fnmatch(n, pattern)]
+
+
+def get_spec(name: str) -> ModelSpec:
+    specs = model_specs()
+    if name not in specs:
+        close = difflib.get_close_matches(name, list(specs), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ModelError(f"unknown model {name!r}.{hint} Valid models: {', '.join(specs)}")
+    return specs[name]
+
+
+def create_model(
+    name: str, in_channels: int = 1, num_classes: int = 1, image_size: int = 224, **kwargs
+) -> nn.Module:
+    """Build a registered model. Raises ModelError for unknown names or unsupported settings."""
+    if in_channels not in (1, 3):
+        raise ModelError(f"in_channels={in_channels} is not supported; use 1 (grey) or 3 (RGB)")
+    if num_classes < 1:
+        raise ModelError(f"num_classes={num_classes} must be >= 1")
+    spec = get_spec(name)
+    model = spec.builder(in_channels=in_channels, num_classes=num_classes, image_size=image_size, **kwargs)
+    if hasattr(model, "check_input_size"):
+        model.check_input_size(image_size, image_size)
+    return model
