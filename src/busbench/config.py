@@ -208,11 +208,8 @@ def parse_override(text: str) -> dict[str, Any]:
     except yaml.YAMLError:
         value = raw
     # YAML 1.1 reads "3e-4" as a string; numbers written that way are meant as floats.
-    if isinstance(value, str):
-        try:
-            value = float(value) if re.fullmatch(r"[-+]?\d*\.?\d+[eE][-+]?\d+", value) else value
-        except ValueError:
-            pass
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value):
+        value = float(value)
     node: dict[str, Any] = {parts[-1]: value}
     for part in reversed(parts[:-1]):
         node = {part: node}
