@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from busbench.errors import BusbenchError
 
 
 @contextlib.contextmanager
@@ -31,6 +34,13 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise BusbenchError(
+                f"no space left on the device while writing {path}; the previous version is intact. "
+                "Free disk space (or point output.root / --data-root elsewhere) and run the command again"
+            ) from exc
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
