@@ -566,6 +566,7 @@ def test_batch_matches_single_images_in_order_with_and_without_workers(monkeypat
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(metrics, "ProcessPoolExecutor", RecordingPool)
+    monkeypatch.setattr(metrics, "_MIN_IMAGES_PER_WORKER", 8)
     assert per_image_batch(preds, gts, hd95_mode="max_directed", workers=2) == expected
     assert pools == [{"max_workers": 2}]
     # too few images for two workers: stays in this process
