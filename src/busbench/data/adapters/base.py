@@ -18,15 +18,18 @@ The contract, in three steps:
 
 from __future__ import annotations
 
+import csv
 import difflib
 import importlib
 import inspect
+import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+from PIL import Image
 
 from busbench.errors import ConfigError, DataError
 
@@ -133,6 +136,202 @@ def find_dataset_dir(top: Path, accept: Callable[[Path], bool], depth: int) -> P
         if not level:
             break
     return None
+
+
+# ------------------------------------------------------------------------------------ shared reading helpers
+
+
+def open_image(path: Path) -> Image.Image:
+    """Open and fully decode an image, turning every decoder failure into one DataError naming the file."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; restore it from the original archive") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(
+            f"{path}: cannot decode the image ({exc}); the file is truncated or damaged, re-extract it from the "
+            "original archive"
+        ) from None
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header only, without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; restore it from the original archive") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(
+            f"{path}: not a readable image ({exc}); re-extract it from the original archive"
+        ) from None
+
+
+def read_image(path: Path) -> tuple[np.ndarray, list[str]]:
+    """The image as uint8: (H, W) for grey modes, (H, W, 3) for colour modes; alpha is dropped.
+
+    16-bit grey images are scaled to 8 bits; every conversion that loses information is returned as a note.
+    """
+    image = open_image(path)
+    notes: list[str] = []
+    mode = image.mode
+    if mode in ("L", "RGB"):
+        return np.asarray(image, dtype=np.uint8), notes
+    if mode == "1":
+        return np.asarray(image.convert("L"), dtype=np.uint8), notes
+    if mode == "LA":
+        notes.append(f"{path.name}: alpha channel dropped from an LA image")
+        return np.asarray(image.convert("L"), dtype=np.uint8), notes
+    if mode in ("RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        if mode in ("RGBA", "PA"):
+            notes.append(f"{path.name}: alpha channel dropped from an {mode} image")
+        return np.asarray(image.convert("RGB"), dtype=np.uint8), notes
+    if mode.startswith("I") or mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        top = 255.0 if values.max(initial=0) <= 255 else 65535.0
+        notes.append(f"{path.name}: {mode} image scaled to 8 bits")
+        return np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8), notes
+    raise DataError(f"{path}: unsupported image mode {mode!r}; convert it to an 8-bit grey or RGB PNG")
+
+
+def mask_to_bool(array: np.ndarray, mode: str) -> np.ndarray:
+    """Lesion pixels of a mask in any encoding found in the public datasets.
+
+    - 1-bit, and grey/colour 0/255: a pixel is lesion when any colour channel is above 127.
+    - 0/1-valued grey masks (max value 1): any non-zero pixel is lesion.
+    - Alpha is ignored when it is constant (BUSI's RGBA masks have alpha all-on); when the colour channels are
+      all zero and only alpha varies, the mask is carried by alpha and alpha > 127 is used.
+    """
+    if mode == "1":
+        return array.astype(bool)
+    has_alpha = mode in ("RGBA", "LA", "PA")
+    colour = array[..., :-1] if has_alpha else array
+    if colour.ndim == 3:
+        if not colour.any() and has_alpha:
+            alpha = array[..., -1]
+            return alpha > 127 if alpha.min() != alpha.max() else np.zeros(alpha.shape, dtype=bool)
+        top = int(colour.max(initial=0))
+        return (colour > (0 if top == 1 else 127)).any(axis=-1)
+    top = int(colour.max(initial=0))
+    if top == 1:
+        return colour > 0
+    threshold = 32767 if top > 255 else 127
+    return colour > threshold
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A mask file as a bool (H, W) array, whatever its PNG mode (see :func:`mask_to_bool`)."""
+    image = open_image(path)
+    mode = image.mode
+    if mode == "P":
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    elif mode not in ("1", "L", "LA", "RGB", "RGBA") and not mode.startswith("I"):
+        image = image.convert("RGB")
+        mode = "RGB"
+    return mask_to_bool(np.asarray(image), mode)
+
+
+def fit_to_image(
+    array: np.ndarray, shape: tuple[int, int], path: Path, why: str = ""
+) -> tuple[np.ndarray, list[str]]:
+    """Resize a mask or class map to the image's (H, W) by nearest neighbour, noting it when sizes differ.
+
+    Nearest neighbour keeps the values exact (no new classes, still binary).
+    """
+    if array.shape[:2] == tuple(shape):
+        return array, []
+    h, w = shape
+    note = (
+        f"{path.name}: mask is {array.shape[1]}x{array.shape[0]} but the image is {w}x{h}; "
+        f"mask resized to the image by nearest neighbour{why}"
+    )
+    resized = Image.fromarray(array).resize((w, h), Image.Resampling.NEAREST)
+    return np.asarray(resized).astype(array.dtype), [note]
+
+
+def class_map_for(mask: np.ndarray, label: str) -> np.ndarray:
+    """uint8 class map of an image whose lesions all share the image-level ``label``."""
+    value = CLASS_VALUES.get(label, 0)
+    return mask.astype(np.uint8) * np.uint8(value)
+
+
+def decode_binary(sample: RawSample) -> DecodedSample:
+    """Shared decode for datasets with binary masks: read the image, OR the masks, fit them to the image.
+
+    Used by every dataset whose lesion class is the image-level label (all but BUS-UCLM).
+    """
+    image, notes = read_image(sample.image_path)
+    shape = image.shape[:2]
+    merged = np.zeros(shape, dtype=bool)
+    for mask_path in sample.mask_paths:
+        mask, fit_notes = fit_to_image(read_mask(mask_path), shape, mask_path)
+        notes.extend(fit_notes)
+        merged |= mask
+    if len(sample.mask_paths) > 1:
+        names = ", ".join(p.name for p in sample.mask_paths)
+        notes.append(f"{sample.sample_id}: {len(sample.mask_paths)} mask files merged by OR ({names})")
+    if sample.label == "normal" and merged.any():
+        notes.append(
+            f"{sample.sample_id}: normal image has {int(merged.sum())} lesion pixels in its mask; kept"
+        )
+    return DecodedSample(image=image, mask=merged, class_map=class_map_for(merged, sample.label), notes=notes)
+
+
+_SEPARATORS = {";": "';'", ",": "','", "\t": "tab", "|": "'|'"}
+
+
+def read_table(
+    path: Path, delimiter: str, required: tuple[str, ...], encoding: str = "utf-8-sig"
+) -> list[dict[str, str]]:
+    """Rows of a delimited metadata table as dicts of stripped strings, with one clear error per problem.
+
+    Checks the separator (a header without ``delimiter`` but with another common one is a wrong separator) and
+    the required columns. A UTF-8 BOM is accepted whether or not the real file has one.
+    """
+    try:
+        text = path.read_bytes().decode(encoding)
+    except FileNotFoundError:
+        raise DataError(f"{path}: metadata file not found; restore it from the original archive") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc}); restore the original file") from None
+    lines = text.splitlines()
+    if not lines or not lines[0].strip():
+        raise DataError(f"{path}: empty metadata file; restore the original file")
+    header = lines[0]
+    if delimiter not in header:
+        found = next((name for d, name in _SEPARATORS.items() if d != delimiter and d in header), None)
+        what = f"found {found} instead" if found else "found no separator"
+        raise DataError(
+            f"{path}: header is not {delimiter!r}-separated ({what}); save the file with {delimiter!r} as separator"
+        )
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(missing)} (header has {', '.join(columns)}); "
+            "restore the original file"
+        )
+    rows = []
+    for raw in reader:
+        row = {str(k).strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+        if any(row.values()):
+            rows.append(row)
+    return rows
+
+
+def list_files(folder: Path, suffix: str = ".png") -> list[Path]:
+    """Sorted files with ``suffix`` (case-insensitive) in ``folder``, hidden files skipped."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() == suffix
+    )
 
 
 ADAPTERS: dict[str, type[Adapter]] = {}
