@@ -272,11 +272,9 @@ def decode_binary(sample: RawSample) -> DecodedSample:
         merged |= mask
     if len(sample.mask_paths) > 1:
         names = ", ".join(p.name for p in sample.mask_paths)
-        notes.append(f"{sample.sample_id}: {len(sample.mask_paths)} mask files merged by OR ({names})")
+        notes.append(f"{len(sample.mask_paths)} mask files merged by OR ({names})")
     if sample.label == "normal" and merged.any():
-        notes.append(
-            f"{sample.sample_id}: normal image has {int(merged.sum())} lesion pixels in its mask; kept"
-        )
+        notes.append(f"normal image has {int(merged.sum())} lesion pixels in its mask; kept")
     return DecodedSample(image=image, mask=merged, class_map=class_map_for(merged, sample.label), notes=notes)
 
 

@@ -148,7 +148,7 @@ class BusbraAdapter(Adapter):
         stated = (sample.meta.get("Width", ""), sample.meta.get("Height", ""))
         if all(v.isdigit() for v in stated) and (int(stated[0]), int(stated[1])) != (w, h):
             decoded.notes.append(
-                f"{sample.sample_id}: {L.BUSBRA_DATA_CSV} says Width x Height = {stated[0]}x{stated[1]}, the image "
+                f"{L.BUSBRA_DATA_CSV} says Width x Height = {stated[0]}x{stated[1]}, the image "
                 f"is {w}x{h}; the pixels are used"
             )
         return decoded
