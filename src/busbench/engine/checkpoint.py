@@ -1,0 +1,120 @@
+"""Checkpoint files: written atomically, read with ``torch.load(weights_only=True)``.
+
+A checkpoint is a plain mapping of tensors and primitive containers (no pickled objects), so loading one can never
+run code. Every checkpoint records the busbench version, the model name and :func:`training_hash` of the config
+that produced it; loading weights into a model of another shape fails with a :class:`ModelError` naming the file.
+
+Files per fold:
+
+* ``checkpoint_last.pt`` - the full training state at the end of the latest finished epoch (model, optimiser,
+  scheduler, gradient scaler, RNG states, epoch, best score, early-stopping counter, history); resuming from it
+  continues the run exactly.
+* ``checkpoint_best.pt`` - model weights of the epoch with the best validation Dice, plus that epoch and score.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import busbench
+from busbench.atomic import atomic_path
+from busbench.config import Config
+from busbench.errors import ModelError
+
+CHECKPOINT_FORMAT = 1
+LAST = "checkpoint_last.pt"
+BEST = "checkpoint_best.pt"
+
+# Keys that change how results are reported or where files go, not what a run learns: changing them neither
+# invalidates a checkpoint nor calls for a new run directory.
+_NON_TRAINING_KEYS = {
+    "experiment": ("description",),
+    "data": ("data_root", "num_workers"),
+    "eval": None,
+    "output": None,
+}
+
+
+def training_dict(cfg: Config) -> dict[str, Any]:
+    """The part of a config that determines the trained weights (see ``_NON_TRAINING_KEYS``)."""
+    data = cfg.to_dict()
+    for section, keys in _NON_TRAINING_KEYS.items():
+        if keys is None:
+            data.pop(section, None)
+        else:
+            for key in keys:
+                data.get(section, {}).pop(key, None)
+    return data
+
+
+def training_hash(cfg: Config) -> str:
+    """Stable hash of :func:`training_dict`: equal hashes mean interchangeable checkpoints."""
+    payload = json.dumps(training_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module whose parameters a checkpoint stores (``torch.compile`` wraps the original)."""
+    return getattr(model, "_orig_mod", model)
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Write ``payload`` plus version fields to ``path`` in one atomic rename."""
+    full = {"format": CHECKPOINT_FORMAT, "busbench_version": busbench.__version__, **payload}
+    with atomic_path(path) as tmp:
+        torch.save(full, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint safely (tensors and primitive containers only) onto the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist; train the fold first (busbench train)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise ModelError(
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "it is damaged or not a busbench checkpoint - delete it and train the fold again"
+        ) from None
+    if not isinstance(payload, dict) or "model" not in payload or "format" not in payload:
+        raise ModelError(f"{path} is not a busbench checkpoint (no model weights); delete it and train again")
+    if payload["format"] > CHECKPOINT_FORMAT:
+        raise ModelError(
+            f"checkpoint {path} has format {payload['format']}, newer than this busbench "
+            f"({busbench.__version__}) reads; upgrade busbench"
+        )
+    return payload
+
+
+def load_model_state(model: nn.Module, payload: dict[str, Any], path: str | os.PathLike) -> None:
+    """Load a checkpoint's weights into ``model``; any missing, extra or reshaped tensor is a ModelError."""
+    target = unwrap(model)
+    state = payload["model"]
+    own = target.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    reshaped = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or reshaped:
+        parts = []
+        for what, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("with another shape", reshaped),
+        ):
+            if keys:
+                more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+                parts.append(f"{len(keys)} tensor(s) {what} ({', '.join(keys[:3])}{more})")
+        saved = payload.get("model_name", "?")
+        raise ModelError(
+            f"checkpoint {path} (model {saved!r}) does not fit the model {type(target).__name__}: "
+            f"{'; '.join(parts)}. Check that model.name and model.params match the config the run was trained with"
+        )
+    target.load_state_dict(state, strict=True)

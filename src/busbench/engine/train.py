@@ -1,0 +1,722 @@
+"""``busbench train``: the shared trainer for every model and dataset.
+
+One call trains the folds of one experiment; each fold is independent and lands in
+``<output.root>/<experiment>/<dataset>/<model>/fold<k>/``:
+
+==========================  ===================================================================================
+``checkpoint_last.pt``      full training state after the latest finished epoch (resume point)
+``checkpoint_best.pt``      weights of the epoch with the best validation Dice (the validation fold only;
+                            the test split is never read during training)
+``val_per_image.csv``       per-image validation metrics of that best epoch (same metrics as the test)
+``train_log.csv``           one row per epoch: epoch, lr, train_loss, val_dice, val_iou, val_hd95, seconds
+``tensorboard/``            scalars and validation overlays (``output.tensorboard``, ``output.overlays``)
+``run.json``                provenance: versions, git commit, device, manifest hashes, seeds, sessions
+``done.json``               written last; a fold holding it is skipped when the command is run again
+==========================  ===================================================================================
+
+The resolved configuration is written once per run to ``<model dir>/config.yaml``. Training into a run directory
+whose ``config.yaml`` describes a different training setup is refused (pick a new ``experiment.name``, or pass
+``--force`` to delete the earlier results); changes that do not affect the weights (``eval.*``, ``output.*``,
+``data.num_workers``, ``data.data_root``) are allowed.
+
+Behaviour worth knowing:
+
+* Seeding: every fold starts from ``train.seed`` (Python, NumPy, torch, the DataLoader generator and its workers),
+  so ``--fold K`` alone gives the same weights as fold K of a full run.
+* Schedules are stepped once per optimiser step (cosine and poly decay smoothly to ``train.min_lr`` after a linear
+  warmup of ``train.warmup_epochs``); ``plateau`` halves the rate after 5 validation rounds without a better Dice
+  (never below ``min_lr``); ``none`` keeps ``train.lr`` after warmup.
+* Resume is automatic: when ``checkpoint_last.pt`` exists, training continues after its epoch with the model,
+  optimiser, scheduler, gradient scaler, RNG states, best score and early-stopping counter restored, and ends with
+  the same weights as an uninterrupted run (on the CPU, bit for bit). ``--no-resume`` starts the folds over.
+* Early stopping counts validation rounds without a better validation Dice (``train.early_stopping``).
+* A non-finite training loss stops the run with an error, keeping the last good checkpoint; Ctrl-C keeps the last
+  finished epoch's checkpoint and exits with status 130, and rerunning the command resumes from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import busbench
+from busbench.atomic import atomic_write_text
+from busbench.config import Config, config_from_file, load_config, save_config
+from busbench.engine import checkpoint as ckpt
+from busbench.engine.inference import amp_dtype, autocast, predict, resolve_device
+from busbench.engine.losses import build_loss
+from busbench.engine.runlog import (
+    LOG,
+    RunRecord,
+    TensorBoardLog,
+    ensure_console_logging,
+    environment,
+    now,
+    overlay,
+    write_train_log,
+)
+from busbench.engine.seeding import rng_state, seed_everything, set_rng_state
+from busbench.errors import BusbenchError, ConfigError, ModelError
+from busbench.locking import LOCK_NAME, locked
+from busbench.metrics import per_image_batch, summarize
+from busbench.models import create_model
+
+CONFIG_FILE = "config.yaml"
+DONE_FILE = "done.json"
+PLATEAU_PATIENCE = 5
+PLATEAU_FACTOR = 0.5
+POLY_POWER = 0.9
+LABEL_NAMES = ("normal", "benign", "malignant")
+
+
+class TrainingDiverged(BusbenchError):
+    """The training loss became NaN or infinite."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# run directory
+
+
+def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path, force: bool = False) -> None:
+    """Write ``config.yaml`` into ``run_dir``, refusing a directory trained with a different setup."""
+    path = run_dir / CONFIG_FILE
+    if path.is_file():
+        old = config_from_file(path)
+        if ckpt.training_hash(old) != ckpt.training_hash(cfg):
+            diffs = _config_diff(ckpt.training_dict(old), ckpt.training_dict(cfg))
+            shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+            if not force:
+                raise ConfigError(
+                    f"{path} holds results of a different training setup ({shown}). Set a new experiment.name "
+                    f"(e.g. --set experiment.name={cfg.experiment.name}-2) to keep both, or pass --force to delete "
+                    f"the earlier results in {run_dir}"
+                )
+            LOG.warning("--force: deleting earlier results in %s (%s)", run_dir, shown)
+            for child in sorted(run_dir.iterdir()):
+                if child.is_dir() and (child.name.startswith("fold") or child.name == "test"):
+                    shutil.rmtree(child)
+                elif child.is_file() and child.name != LOCK_NAME:
+                    child.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# data
+
+
+def _data_api():
+    from busbench.data import loader
+
+    return loader
+
+
+def check_data(cfg: Config) -> dict[str, str]:
+    """Refuse leaking splits before any training starts; returns each dataset's manifest hash."""
+    from busbench.data import audit
+
+    loader = _data_api()
+    hashes = {}
+    for key in cfg.data.datasets:
+        _, info = loader.load_dataset_rows(cfg, key)
+        if len(info["folds"]) != cfg.data.folds:
+            raise ConfigError(
+                f"config key 'data.folds' is {cfg.data.folds} but {info['manifest']} was prepared with "
+                f"{len(info['folds'])} folds; set data.folds={len(info['folds'])} or re-run busbench prepare "
+                f"--datasets {key} --folds {cfg.data.folds}"
+            )
+        audit.check_manifest(info["manifest"], data_root=info["data_root"])
+        hashes[key] = str(info["manifest_sha256"])
+    return hashes
+
+
+def sample_table(ds: Any, indices: Sequence[int]) -> pd.DataFrame:
+    """``sample_id, dataset_key, label`` of dataset items ``indices`` (from the manifest rows the dataset holds)."""
+    rows = ds.rows.iloc[list(indices)]
+    return pd.DataFrame(
+        {
+            "sample_id": rows["sample_id"].astype(str).to_numpy(),
+            "dataset_key": rows["dataset"].astype(str).to_numpy(),
+            "label": rows["label"].astype(str).to_numpy(),
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# optimisation
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=True
+        )
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def lr_factor(step: int, cfg: Config, steps_per_epoch: int) -> float:
+    """Multiplier of ``train.lr`` after ``step`` optimiser steps (warmup, then the chosen decay)."""
+    t = cfg.train
+    warm = t.warmup_epochs * steps_per_epoch
+    if step < warm:
+        return (step + 1) / warm
+    if t.scheduler in ("none", "plateau"):
+        return 1.0
+    total = max(1, t.epochs * steps_per_epoch - warm)
+    progress = min(1.0, (step - warm) / total)
+    floor = min(t.min_lr / t.lr, 1.0)
+    decay = (
+        0.5 * (1.0 + math.cos(math.pi * progress))
+        if t.scheduler == "cosine"
+        else (1.0 - progress) ** POLY_POWER
+    )
+    return floor + (1.0 - floor) * decay
+
+
+class Schedule:
+    """The learning-rate schedule: a per-step ``LambdaLR`` plus ``ReduceLROnPlateau`` for ``plateau``."""
+
+    def __init__(self, cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> None:
+        self.warm = cfg.train.warmup_epochs * steps_per_epoch
+        self.plateau_mode = cfg.train.scheduler == "plateau"
+        self.steps = 0
+        self.per_step = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, cfg, steps_per_epoch)
+        )
+        self.plateau = (
+            torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer,
+                mode="max",
+                factor=PLATEAU_FACTOR,
+                patience=PLATEAU_PATIENCE,
+                min_lr=cfg.train.min_lr,
+            )
+            if self.plateau_mode
+            else None
+        )
+
+    def step(self) -> None:
+        """After each optimiser step. Under ``plateau`` the per-step part only runs the warmup."""
+        self.steps += 1
+        if not self.plateau_mode or self.steps <= self.warm:
+            self.per_step.step()
+
+    def validated(self, dice: float) -> None:
+        if self.plateau is not None and self.steps >= self.warm:
+            self.plateau.step(dice)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "per_step": self.per_step.state_dict(),
+            "plateau": self.plateau.state_dict() if self.plateau is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        self.per_step.load_state_dict(state["per_step"])
+        if self.plateau is not None and state.get("plateau") is not None:
+            self.plateau.load_state_dict(state["plateau"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# one fold
+
+
+class FoldTrainer:
+    """Trains one fold; its attributes are exactly the state a checkpoint holds."""
+
+    def __init__(
+        self, cfg: Config, fold: int, fold_dir: Path, device: torch.device, manifest_hashes: dict[str, str]
+    ):
+        self.cfg = cfg
+        self.fold = fold
+        self.dir = fold_dir
+        self.device = device
+        self.manifest_hashes = manifest_hashes
+        self.dtype = amp_dtype(device, cfg.train.amp)
+        self.config_hash = ckpt.training_hash(cfg)
+
+        loader_api = _data_api()
+        t = cfg.train
+        self.train_ds, self.val_ds = loader_api.build_datasets(cfg, fold)
+        if len(self.train_ds) == 0 or len(self.val_ds) == 0:
+            raise ConfigError(
+                f"fold {fold} has {len(self.train_ds)} training and {len(self.val_ds)} validation images; "
+                "each fold needs both - check data.folds against the prepared manifest"
+            )
+        seed_everything(t.seed, t.deterministic)
+        self.model = self._build_model().to(device)
+        if t.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_loader = loader_api.make_loader(
+            self.train_ds,
+            t.batch_size,
+            shuffle=True,
+            seed=t.seed,
+            num_workers=cfg.data.num_workers,
+            drop_last=len(self.train_ds) >= t.batch_size,
+        )
+        self.val_loader = loader_api.make_loader(
+            self.val_ds,
+            cfg.eval.batch_size,
+            shuffle=False,
+            seed=t.seed,
+            num_workers=cfg.data.num_workers,
+        )
+        self.steps_per_epoch = max(1, math.ceil(len(self.train_loader) / t.accumulate))
+        self.criterion = build_loss(t)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.schedule = Schedule(cfg, self.optimizer, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        self.epoch = 0  # finished epochs
+        self.best_dice = -math.inf
+        self.best_epoch = 0
+        self.bad_rounds = 0
+        self.finished = False
+        self.stop_reason = ""
+        self.train_seconds = 0.0
+        self.history: list[dict[str, Any]] = []
+        self.forward = self.model
+        self.params_m = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values()) / 1e6
+
+    def _build_model(self) -> nn.Module:
+        cfg = self.cfg
+        return create_model(
+            cfg.model.name,
+            in_channels=cfg.data.channels,
+            num_classes=1,
+            image_size=cfg.data.image_size,
+            **cfg.model.params,
+        )
+
+    # ---- checkpoint state
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "config_hash": self.config_hash,
+            "model_name": self.cfg.model.name,
+            "fold": self.fold,
+            "epoch": self.epoch,
+            "model": ckpt.unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(self.train_loader.generator),
+            "best_dice": self.best_dice,
+            "best_epoch": self.best_epoch,
+            "bad_rounds": self.bad_rounds,
+            "finished": self.finished,
+            "stop_reason": self.stop_reason,
+            "train_seconds": self.train_seconds,
+            "history": self.history,
+        }
+
+    def restore(self, path: Path) -> None:
+        payload = ckpt.load_checkpoint(path)
+        if payload.get("config_hash") != self.config_hash:
+            raise ModelError(
+                f"{path} was written by a different training setup (config hash {payload.get('config_hash')} vs "
+                f"{self.config_hash}); rerun with --no-resume to train the fold from scratch"
+            )
+        ckpt.load_model_state(self.model, payload, path)
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.schedule.load_state_dict(payload["scheduler"])
+        self.scaler.load_state_dict(payload["scaler"])
+        set_rng_state(payload["rng"], self.train_loader.generator)
+        self.epoch = int(payload["epoch"])
+        self.best_dice = float(payload["best_dice"])
+        self.best_epoch = int(payload["best_epoch"])
+        self.bad_rounds = int(payload["bad_rounds"])
+        self.finished = bool(payload["finished"])
+        self.stop_reason = str(payload["stop_reason"])
+        self.train_seconds = float(payload["train_seconds"])
+        self.history = list(payload["history"])
+
+    # ---- loops
+
+    def train_epoch(self) -> float:
+        t = self.cfg.train
+        self.forward.train()
+        self.train_loader.sampler.set_epoch(
+            self.epoch
+        )  # order and augmentation are functions of (seed, epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        n_batches = len(self.train_loader)
+        bar = tqdm(
+            self.train_loader,
+            total=n_batches,
+            disable=None,
+            leave=False,
+            dynamic_ncols=True,
+            desc=f"fold {self.fold} epoch {self.epoch + 1}/{t.epochs}",
+        )
+        for i, batch in enumerate(bar):
+            x = batch["image"].to(self.device, non_blocking=True)
+            y = batch["mask"].to(self.device, non_blocking=True)
+            if t.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.dtype):
+                out = self.forward(x)
+            loss = self.criterion(out, y)
+            self.scaler.scale(loss / t.accumulate).backward()
+            loss_sum += loss.detach()
+            if (i + 1) % t.accumulate == 0 or i + 1 == n_batches:
+                if t.grad_clip is not None:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.schedule.step()
+        bar.close()
+        mean_loss = float(loss_sum) / max(1, n_batches)
+        if not math.isfinite(mean_loss):
+            raise TrainingDiverged(
+                f"fold {self.fold}: the training loss became {mean_loss} during epoch {self.epoch + 1}; stopped. "
+                f"{self.dir / ckpt.LAST} keeps the last good epoch ({self.epoch}). Lower train.lr, set "
+                "train.grad_clip, or use train.amp=none, then rerun with --no-resume"
+            )
+        return mean_loss
+
+    def validate(self) -> tuple[dict[str, float], pd.DataFrame, list[np.ndarray]]:
+        """Per-image metrics on the validation fold, their summary, and overlays of the first images."""
+        self.forward.eval()
+        e = self.cfg.eval
+        tables, overlays = [], []
+        for batch in self.val_loader:
+            probs = predict(
+                [self.forward],
+                batch["image"],
+                self.device,
+                self.dtype,
+                channels_last=self.cfg.train.channels_last,
+            )[0]
+            pred = (probs >= e.threshold).numpy()
+            gt = batch["mask"][:, 0].numpy() >= 0.5
+            scores = pd.DataFrame(per_image_batch(pred, gt, hd95_mode=e.hd95_mode, workers=e.workers))
+            index = batch["index"].tolist()
+            tables.append(pd.concat([sample_table(self.val_ds, index), scores], axis=1))
+            for j in range(len(index)):
+                if len(overlays) < self.cfg.output.overlays:
+                    overlays.append(overlay(batch["image"][j].numpy().mean(axis=0), gt[j], pred[j]))
+        per_image = pd.concat(tables, ignore_index=True)
+        return summarize(per_image), per_image, overlays
+
+    def run(self, record: RunRecord, tb: TensorBoardLog) -> None:
+        t = self.cfg.train
+        while not self.finished:
+            start = time.perf_counter()
+            train_loss = self.train_epoch()
+            self.epoch += 1
+            lr = self.optimizer.param_groups[0]["lr"]
+            row: dict[str, Any] = {
+                "epoch": self.epoch,
+                "lr": lr,
+                "train_loss": train_loss,
+                "val_dice": None,
+                "val_iou": None,
+                "val_hd95": None,
+            }
+            improved = False
+            if self.epoch % t.val_every == 0 or self.epoch == t.epochs:
+                summary, per_image, overlays = self.validate()
+                row.update(val_dice=summary["dice"], val_iou=summary["iou"], val_hd95=summary["hd95"])
+                self.schedule.validated(summary["dice"])
+                if summary["dice"] > self.best_dice:
+                    improved = True
+                    self.best_dice, self.best_epoch, self.bad_rounds = summary["dice"], self.epoch, 0
+                    per_image.insert(0, "epoch", self.epoch)
+                    _write_csv(self.dir / "val_per_image.csv", per_image)
+                else:
+                    self.bad_rounds += 1
+                tb.overlays(overlays, self.epoch)
+                if t.early_stopping is not None and self.bad_rounds >= t.early_stopping:
+                    self.finished, self.stop_reason = True, f"early stopping after epoch {self.epoch}"
+            if self.epoch >= t.epochs and not self.finished:
+                self.finished, self.stop_reason = True, f"reached train.epochs={t.epochs}"
+            seconds = time.perf_counter() - start
+            self.train_seconds += seconds
+            row["seconds"] = round(seconds, 3)
+            self.history.append(row)
+            tb.scalars(
+                {
+                    "train/loss": train_loss,
+                    "train/lr": lr,
+                    "val/dice": row["val_dice"],
+                    "val/iou": row["val_iou"],
+                    "val/hd95": row["val_hd95"],
+                },
+                self.epoch,
+            )
+            if improved:
+                ckpt.save_checkpoint(
+                    self.dir / ckpt.BEST,
+                    {
+                        "config_hash": self.config_hash,
+                        "model_name": self.cfg.model.name,
+                        "fold": self.fold,
+                        "epoch": self.epoch,
+                        "best_dice": self.best_dice,
+                        "model": ckpt.unwrap(self.model).state_dict(),
+                    },
+                )
+            ckpt.save_checkpoint(self.dir / ckpt.LAST, self.state())
+            write_train_log(self.dir / "train_log.csv", self.history)
+            record.data["train_seconds"] = round(self.train_seconds, 3)
+            val = (
+                ""
+                if row["val_dice"] is None
+                else f"  val dice {row['val_dice']:.4f} (best {self.best_dice:.4f} @ {self.best_epoch})"
+            )
+            LOG.info(
+                "fold %d epoch %d/%d  loss %.4f%s  lr %.2e  %.1f s",
+                self.fold,
+                self.epoch,
+                t.epochs,
+                train_loss,
+                val,
+                lr,
+                seconds,
+            )
+
+
+def _write_csv(path: Path, df: pd.DataFrame) -> None:
+    atomic_write_text(path, df.to_csv(index=False, lineterminator="\n"))
+
+
+def _clear_fold(fold_dir: Path) -> None:
+    """Delete a fold's results (not the lock file held by this process)."""
+    for child in sorted(fold_dir.iterdir()):
+        if child.name == LOCK_NAME:
+            continue
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def train_fold(
+    cfg: Config,
+    fold: int,
+    run_dir: Path,
+    device: torch.device,
+    manifest_hashes: dict[str, str],
+    resume: bool = True,
+) -> Path:
+    """Train (or resume, or skip when done) fold ``fold``; returns its folder."""
+    fold_dir = run_dir / f"fold{fold}"
+    with locked(fold_dir):
+        return _train_fold_locked(cfg, fold, fold_dir, device, manifest_hashes, resume)
+
+
+def _train_fold_locked(
+    cfg: Config,
+    fold: int,
+    fold_dir: Path,
+    device: torch.device,
+    manifest_hashes: dict[str, str],
+    resume: bool,
+) -> Path:
+    done = fold_dir / DONE_FILE
+    if resume and done.is_file():
+        LOG.info("fold %d is done (%s); skipping it. Use --no-resume to train it again", fold, done)
+        return fold_dir
+    if not resume:
+        _clear_fold(fold_dir)
+
+    trainer = FoldTrainer(cfg, fold, fold_dir, device, manifest_hashes)
+    resumed_from = 0
+    if resume and (fold_dir / ckpt.LAST).is_file():
+        trainer.restore(fold_dir / ckpt.LAST)
+        resumed_from = trainer.epoch
+        LOG.info("fold %d: resuming after epoch %d from %s", fold, trainer.epoch, fold_dir / ckpt.LAST)
+    if cfg.train.compile:
+        if device.type == "cuda":
+            trainer.forward = torch.compile(trainer.model)
+        else:
+            LOG.info("train.compile is ignored on the CPU")
+
+    static = {
+        "experiment": cfg.experiment.name,
+        "dataset": "+".join(cfg.data.datasets),
+        "model": cfg.model.name,
+        "fold": fold,
+        "config_hash": cfg.hash(),
+        "training_hash": trainer.config_hash,
+        "manifest_sha256": manifest_hashes,
+        "seeds": {"train": cfg.train.seed, "data_split": cfg.data.seed},
+        "deterministic": cfg.train.deterministic,
+        "precision": str(trainer.dtype or torch.float32).removeprefix("torch."),
+        "n_train": len(trainer.train_ds),
+        "n_val": len(trainer.val_ds),
+        "params_m": round(trainer.params_m, 4),
+        **environment(device),
+    }
+    record = RunRecord(fold_dir / "run.json", static)
+    record.start(resumed_from_epoch=resumed_from)
+    tb = TensorBoardLog(
+        fold_dir / "tensorboard",
+        cfg.output.tensorboard,
+        purge_step=resumed_from + 1 if resumed_from else None,
+    )
+    try:
+        trainer.run(record, tb)
+    except KeyboardInterrupt:
+        kept = (
+            f"{fold_dir / ckpt.LAST} holds epoch {trainer.epoch}"
+            if (fold_dir / ckpt.LAST).is_file()
+            else "no epoch had finished"
+        )
+        record.finish("interrupted", train_seconds=round(trainer.train_seconds, 3))
+        LOG.warning(
+            "fold %d interrupted during epoch %d; %s. Run the same command again to resume",
+            fold,
+            trainer.epoch + 1,
+            kept,
+        )
+        raise
+    except TrainingDiverged:
+        record.finish("diverged", train_seconds=round(trainer.train_seconds, 3))
+        raise
+    except RuntimeError as exc:
+        record.finish("failed", error=str(exc).splitlines()[0][:300])
+        if "deterministic" in str(exc):
+            raise ConfigError(
+                f"train.deterministic=true, but an operation of model {cfg.model.name!r} has no deterministic "
+                f"implementation on {device.type} ({str(exc).splitlines()[0][:200]}); set train.deterministic=false"
+            ) from None
+        raise
+    except BaseException as exc:
+        record.finish(
+            "failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        )
+        raise
+    finally:
+        tb.close()
+
+    summary = {
+        "fold": fold,
+        "best_epoch": trainer.best_epoch,
+        "best_val_dice": trainer.best_dice,
+        "epochs_run": trainer.epoch,
+        "stop_reason": trainer.stop_reason,
+        "train_seconds": round(trainer.train_seconds, 3),
+        "finished": now(),
+        "busbench_version": busbench.__version__,
+        "config_hash": trainer.config_hash,
+    }
+    record.finish(
+        "completed",
+        best_epoch=trainer.best_epoch,
+        best_val_dice=trainer.best_dice,
+        train_seconds=round(trainer.train_seconds, 3),
+        stop_reason=trainer.stop_reason,
+    )
+    atomic_write_text(done, json.dumps(summary, indent=2) + "\n")
+    LOG.info(
+        "fold %d finished: best validation Dice %.4f at epoch %d (%s)",
+        fold,
+        trainer.best_dice,
+        trainer.best_epoch,
+        trainer.stop_reason,
+    )
+    return fold_dir
+
+
+def train(
+    cfg: Config, folds: list[int] | None = None, resume: bool = True, force: bool = False
+) -> list[Path]:
+    """Train the given folds (all ``data.folds`` when None) of the experiment ``cfg``; returns the fold folders.
+
+    Before any training the manifests are checked for patients or duplicate groups crossing the test split and the
+    folds, and the run directory's ``config.yaml`` is written (see the module docstring).
+    """
+    ensure_console_logging()
+    k = cfg.data.folds
+    folds = list(range(k)) if folds is None else sorted(set(folds))
+    bad = [f for f in folds if not 0 <= f < k]
+    if bad:
+        raise ConfigError(f"fold(s) {bad} do not exist: data.folds={k}, so --fold must be in 0..{k - 1}")
+    device = resolve_device(cfg.train.device)
+    manifest_hashes = check_data(cfg)
+    run_dir = cfg.run_dir()
+    with locked(run_dir, wait=30.0):
+        prepare_run_dir(cfg, run_dir, force=force)
+    LOG.info(
+        "training %s on %s, folds %s, device %s -> %s",
+        cfg.model.name,
+        "+".join(cfg.data.datasets),
+        folds,
+        device,
+        run_dir,
+    )
+    return [train_fold(cfg, f, run_dir, device, manifest_hashes, resume=resume) for f in folds]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", required=True, help="experiment YAML (composed over configs/default.yaml)"
+    )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. --set train.lr=3e-4 data.image_size=256",
+    )
+    parser.add_argument(
+        "--fold",
+        type=int,
+        action="append",
+        default=None,
+        help="train only this fold (repeatable); default: every fold",
+    )
+    parser.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue from checkpoint_last.pt and skip finished folds (default); --no-resume starts over",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="delete earlier results of a different training setup in the run directory",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    folders = train(cfg, folds=args.fold, resume=args.resume, force=args.force)
+    print(f"trained {len(folders)} fold(s) in {cfg.run_dir()}")
+    return 0

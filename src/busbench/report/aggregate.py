@@ -1,0 +1,305 @@
+"""``busbench aggregate``: gather the ``summary.csv`` of finished runs into one leaderboard.
+
+For every run (one ``summary.csv`` written by ``busbench test``, beside its ``config.yaml``) and every test dataset
+it scored, the leaderboard holds the mean and standard deviation over the fold models (sample standard deviation,
+``ddof=1``, as papers report "mean ± std of the k fold models") and the fold ensemble's scores.
+
+Two things are refused rather than papered over:
+
+* a run with fewer fold models than its ``data.folds`` (an average over 3 of 5 folds is not comparable);
+* runs on the same dataset whose manifests differ (different splits or data make scores incomparable), unless
+  ``--allow-mixed`` is given.
+
+Outputs, in ``--out`` (default: the first folder given): ``leaderboard.csv`` (one row per run and test dataset),
+``leaderboard.md`` (one table per test dataset, best mean Dice first, followed by the fold-level table) and
+``folds.csv`` (every fold and ensemble row of every run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from busbench.atomic import atomic_write_text
+from busbench.config import config_from_file
+from busbench.errors import BusbenchError, DataError
+
+SUMMARY = "summary.csv"
+KEY_COLUMNS = ("experiment", "train_data", "dataset", "model")
+SCORE_COLUMNS = (
+    "dice",
+    "iou",
+    "hd95",
+    "precision",
+    "recall",
+    "specificity",
+    "dice_lesion",
+    "iou_lesion",
+    "hd95_lesion",
+    "hd95_penalised",
+    "normal_fp_rate",
+)
+MD_COLUMNS = (
+    ("dice", 4),
+    ("iou", 4),
+    ("hd95", 2),
+    ("dice_lesion", 4),
+    ("hd95_penalised", 1),
+    ("normal_fp_rate", 3),
+)
+
+
+def find_summaries(dirs: list[Path]) -> list[Path]:
+    """Every ``summary.csv`` at or below ``dirs``, sorted, each once."""
+    found: set[Path] = set()
+    for d in dirs:
+        d = Path(d)
+        if d.is_file() and d.name == SUMMARY:
+            found.add(d.resolve())
+        elif d.is_dir():
+            found.update(p.resolve() for p in d.rglob(SUMMARY))
+        else:
+            raise DataError(
+                f"{d} does not exist; give run folders (or their parents) written by busbench test"
+            )
+    return sorted(found)
+
+
+def _read_run(path: Path) -> pd.DataFrame:
+    df = pd.read_csv(path, dtype={"fold": str})
+    missing = [c for c in ("dataset", "model", "fold", *SCORE_COLUMNS) if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"{path} lacks column(s) {', '.join(missing)}; rerun busbench test on that run to rewrite it"
+        )
+    df.insert(0, "run", str(path.parent))
+    config = path.parent / "config.yaml"
+    if config.is_file():
+        cfg = config_from_file(config)
+        expected = cfg.data.folds
+        df["experiment"] = df.get("experiment", cfg.experiment.name)
+        df["train_data"] = df.get("train_data", "+".join(cfg.data.datasets))
+    else:
+        expected = None
+        for col in ("experiment", "train_data"):
+            if col not in df.columns:
+                df[col] = ""
+    df["expected_folds"] = expected
+    return df
+
+
+def _fold_rows(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["fold"].astype(str).str.fullmatch(r"\d+")]
+
+
+def _check_complete(runs: list[pd.DataFrame]) -> None:
+    problems = []
+    for df in runs:
+        folds = _fold_rows(df)
+        for dataset, group in df.groupby("dataset", sort=True):
+            have = sorted(int(f) for f in folds[folds["dataset"] == dataset]["fold"])
+            expected = df["expected_folds"].iloc[0]
+            if expected is None or (isinstance(expected, float) and math.isnan(expected)):
+                expected = len(have) if have else 1
+            expected = int(expected)
+            if have != list(range(expected)):
+                lacking = sorted(set(range(expected)) - set(have))
+                problems.append(
+                    f"{group['run'].iloc[0]} ({dataset}): has fold models {have}, lacks {lacking}"
+                )
+            if not (group["fold"] == "ensemble").any():
+                problems.append(f"{group['run'].iloc[0]} ({dataset}): no ensemble row")
+    if problems:
+        raise DataError(
+            "incomplete runs are not averaged: "
+            + "; ".join(problems)
+            + ". Train the missing folds (busbench train --fold K) and rerun busbench test on those runs"
+        )
+
+
+def _check_manifests(runs: list[pd.DataFrame], allow_mixed: bool) -> None:
+    if allow_mixed:
+        return
+    seen: dict[str, dict[str, str]] = {}
+    for df in runs:
+        if "manifest_sha256" not in df.columns:
+            continue
+        for dataset, value in df.groupby("dataset", sort=True)["manifest_sha256"].first().items():
+            seen.setdefault(str(dataset), {}).setdefault(str(value), df["run"].iloc[0])
+    mixed = {d: v for d, v in seen.items() if len(v) > 1}
+    if mixed:
+        text = "; ".join(
+            f"{d}: " + ", ".join(f"{h[:12]} ({run})" for h, run in sorted(v.items()))
+            for d, v in sorted(mixed.items())
+        )
+        raise DataError(
+            f"runs were tested on different manifests of the same dataset ({text}); their scores are not comparable. "
+            "Re-prepare and retrain so they share one manifest, or pass --allow-mixed to tabulate them anyway"
+        )
+
+
+def leaderboard(runs: list[pd.DataFrame]) -> pd.DataFrame:
+    """One row per run and test dataset: ``<score>_mean``, ``<score>_std`` over fold models, ``ensemble_<score>``."""
+    rows = []
+    for df in runs:
+        for dataset, group in df.groupby("dataset", sort=True):
+            folds = _fold_rows(group)
+            ens = group[group["fold"] == "ensemble"]
+            first = group.iloc[0]
+            row: dict[str, object] = {
+                "experiment": first["experiment"],
+                "train_data": first["train_data"],
+                "dataset": dataset,
+                "model": first["model"],
+                "n_folds": len(folds),
+                "n_test": int(folds["n_test"].iloc[0]) if "n_test" in folds else np.nan,
+            }
+            for col in SCORE_COLUMNS:
+                values = folds[col].astype(float)
+                row[f"{col}_mean"] = float(values.mean())
+                row[f"{col}_std"] = float(values.std(ddof=1)) if len(values) > 1 else np.nan
+            for col in SCORE_COLUMNS:
+                row[f"ensemble_{col}"] = float(ens[col].iloc[0]) if len(ens) else np.nan
+            for col in ("params_m", "gmacs"):
+                row[col] = float(folds[col].iloc[0]) if col in folds else np.nan
+            row["train_seconds"] = (
+                float(folds["train_seconds"].astype(float).sum()) if "train_seconds" in folds else np.nan
+            )
+            row["manifest_sha256"] = first.get("manifest_sha256", "")
+            row["run"] = first["run"]
+            rows.append(row)
+    board = pd.DataFrame(rows)
+    return board.sort_values(
+        ["dataset", "dice_mean", "model"], ascending=[True, False, True], kind="mergesort"
+    )
+
+
+def _fmt(value: float, digits: int) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def to_markdown(board: pd.DataFrame, folds: pd.DataFrame) -> str:
+    """Per test dataset: mean ± std over fold models and the ensemble; then the fold-level scores."""
+    parts = [
+        "# Leaderboard",
+        "",
+        "Mean ± std (ddof=1) over the fold models on the held-out test split; `ens` is the fold ensemble "
+        "(mean of the fold models' probabilities). HD95 in pixels at the evaluation resolution; "
+        "`pen.` counts images charged the worst-case HD95; `FP normal` is the share of normal images with any "
+        "predicted lesion pixel.",
+        "",
+    ]
+    for dataset, group in board.groupby("dataset", sort=True):
+        n_test = group["n_test"].iloc[0]
+        parts += [f"## {dataset} (test images: {_fmt(float(n_test), 0)})", ""]
+        header = [
+            "model",
+            "experiment",
+            "train data",
+            "folds",
+            "Dice",
+            "IoU",
+            "HD95",
+            "Dice lesion",
+            "pen.",
+            "FP normal",
+            "ens Dice",
+            "ens HD95",
+            "params (M)",
+            "GMACs",
+        ]
+        body = []
+        for _, r in group.iterrows():
+            cells = [str(r["model"]), str(r["experiment"]), str(r["train_data"]), str(r["n_folds"])]
+            for col, digits in MD_COLUMNS:
+                cells.append(f"{_fmt(r[f'{col}_mean'], digits)} ± {_fmt(r[f'{col}_std'], digits)}")
+            cells += [
+                _fmt(r["ensemble_dice"], 4),
+                _fmt(r["ensemble_hd95"], 2),
+                _fmt(r["params_m"], 2),
+                _fmt(r["gmacs"], 2),
+            ]
+            body.append(cells)
+        parts += [_md_table(header, body), ""]
+    parts += ["## Fold models", ""]
+    header = ["dataset", "model", "experiment", "fold", "Dice", "IoU", "HD95", "pen.", "best epoch"]
+    body = []
+    for _, r in folds.iterrows():
+        body.append(
+            [
+                str(r["dataset"]),
+                str(r["model"]),
+                str(r["experiment"]),
+                str(r["fold"]),
+                _fmt(float(r["dice"]), 4),
+                _fmt(float(r["iou"]), 4),
+                _fmt(float(r["hd95"]), 2),
+                _fmt(float(r["hd95_penalised"]), 0),
+                _fmt(float(r["best_epoch"]), 0) if "best_epoch" in r and pd.notna(r["best_epoch"]) else "–",
+            ]
+        )
+    parts += [_md_table(header, body), ""]
+    return "\n".join(parts)
+
+
+def aggregate(dirs: list[Path], out: Path | None = None, allow_mixed: bool = False) -> tuple[Path, Path]:
+    """Write ``leaderboard.csv``, ``leaderboard.md`` and ``folds.csv`` for every run under ``dirs`` into ``out``."""
+    dirs = [Path(d) for d in dirs]
+    if not dirs:
+        raise BusbenchError("give at least one results folder, e.g. busbench aggregate results/demo")
+    paths = find_summaries(dirs)
+    if not paths:
+        raise DataError(
+            f"no {SUMMARY} found under {', '.join(map(str, dirs))}; run busbench test --run <run dir> first"
+        )
+    runs = [_read_run(p) for p in paths]
+    _check_complete(runs)
+    _check_manifests(runs, allow_mixed)
+    board = leaderboard(runs)
+    every = pd.concat(runs, ignore_index=True)
+    every = every[every["fold"].astype(str).str.fullmatch(r"\d+|ensemble")]
+    every = every.drop(columns=["expected_folds"])
+    lead = ["experiment", "train_data", "dataset", "model", "fold"]
+    every = every[lead + [c for c in every.columns if c not in lead]]
+    out = Path(out) if out is not None else dirs[0] if dirs[0].is_dir() else dirs[0].parent
+    csv_path, md_path = out / "leaderboard.csv", out / "leaderboard.md"
+    fold_rows = every[every["fold"] != "ensemble"]
+    atomic_write_text(out / "folds.csv", every.to_csv(index=False, lineterminator="\n"))
+    atomic_write_text(csv_path, board.to_csv(index=False, lineterminator="\n"))
+    atomic_write_text(md_path, to_markdown(board, fold_rows))
+    return csv_path, md_path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "dirs",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="results folders: runs (holding summary.csv) or folders above them",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where to write the leaderboard (default: first DIR)"
+    )
+    parser.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="tabulate runs of one dataset even when their manifests (splits) differ",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    csv_path, md_path = aggregate(args.dirs, args.out, allow_mixed=args.allow_mixed)
+    print(md_path.read_text(encoding="utf-8"))
+    print(f"wrote {csv_path}, {md_path} and {csv_path.parent / 'folds.csv'}")
+    return 0
