@@ -570,7 +570,9 @@ def _write_bus_uclm(root: Path, rng: np.random.Generator, n: int) -> Path:
     std_h, std_w = 113, 160  # 606 x 856 scaled down, same aspect
     n_hesn = 3
     n_other = n - n_hesn
-    n_patients = max(3, n_other // 7)
+    n_patients = max(
+        3, n_other // 3
+    )  # a few images per patient, so patient-grouped splits have groups to use
     codes = _patient_codes(rng, n_patients, {"HESN"})
     per_patient = [n_other // n_patients + (1 if j < n_other % n_patients else 0) for j in range(n_patients)]
     plan: list[tuple[str, int, str]] = []  # (patient, index, label)

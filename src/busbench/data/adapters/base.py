@@ -60,7 +60,7 @@ class DecodedSample:
     image: np.ndarray  # uint8, (H, W) grey or (H, W, 3) RGB as stored, alpha dropped
     mask: np.ndarray  # bool (H, W), same size as image; lesion pixels
     class_map: np.ndarray  # uint8 (H, W): 0 background, 1 benign lesion, 2 malignant lesion
-    notes: list[str] = field(default_factory=list)  # warnings worth recording in the prepare report
+    notes: list[str] = field(default_factory=list)  # warnings worth recording; callers prefix the sample id
 
 
 class Adapter:
