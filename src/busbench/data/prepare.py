@@ -1,0 +1,581 @@
+"""``busbench prepare``: raw datasets -> derived masks, manifest CSV and summary JSON.
+
+For each dataset key the adapter lists and decodes the raw samples; every image gets a binary lesion mask (0/255
+PNG, ``<derived_root>/<key>/<sample_id>.png``) and a class map (0 background / 1 benign / 2 malignant,
+``<sample_id>_classes.png``). Near-duplicates and shared patients are linked into groups, the held-out test split
+and the cross-validation folds are drawn over whole groups, and the result is written as ``<out>/<key>.csv`` plus
+``<out>/<key>.json``.
+
+All-or-nothing: every dataset is read, decoded and checked before anything is written; derived masks are written
+into a hidden temporary folder that replaces ``<derived_root>/<key>`` in one rename, and manifests are written
+atomically. A DataError therefore leaves the data root exactly as it was. Raw files are only ever read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from busbench import __version__
+from busbench.atomic import atomic_write_bytes, atomic_write_text
+from busbench.data.adapters import LABELS, Adapter, RawSample, get_adapter
+from busbench.data.duplicates import (
+    Signature,
+    find_duplicates,
+    group_samples,
+    image_signature,
+    label_conflicts,
+    mixed_label_groups,
+)
+from busbench.data.manifest import (
+    DataRoots,
+    manifest_bytes,
+    relative_posix,
+    sha256_bytes,
+    summary_json,
+    validate_manifest,
+)
+from busbench.data.splits import assign_splits, label_deviation
+from busbench.errors import DataError
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MASK_SUFFIX = ".png"
+CLASS_SUFFIX = "_classes.png"
+PARALLEL_MIN = 32  # below this many samples a thread pool costs more than it saves
+
+
+@dataclass
+class _Decoded:
+    """What prepare keeps of one decoded sample: sizes, encoded derived PNGs, fingerprint and notes."""
+
+    height: int
+    width: int
+    mask_png: bytes
+    class_png: bytes
+    signature: Signature
+    notes: list[str]
+
+
+@dataclass
+class PreparedDataset:
+    """One dataset fully prepared in memory, ready to be written."""
+
+    key: str
+    manifest: bytes
+    summary: dict[str, Any]
+    derived: dict[str, bytes] = field(repr=False)  # file name under <derived_root>/<key>/ -> PNG bytes
+
+
+# ----------------------------------------------------------------------------------------------------- decode
+
+
+def _encode_png(array: np.ndarray, what: str) -> bytes:
+    ok, buf = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 6])
+    if not ok:
+        raise DataError(f"could not encode {what} as PNG")
+    return buf.tobytes()
+
+
+def _decode_sample(adapter: Adapter, sample: RawSample) -> _Decoded:
+    """Decode one sample through its adapter and check what the manifest and loaders rely on."""
+    decoded = adapter.decode(sample)
+    image, mask, class_map = decoded.image, decoded.mask, decoded.class_map
+    source = sample.mask_paths[0] if sample.mask_paths else sample.image_path
+    if image.dtype != np.uint8 or image.ndim not in (2, 3):
+        raise DataError(
+            f"{sample.image_path}: decoded image is {image.dtype} {image.shape}, expected uint8 (H, W[, 3])"
+        )
+    h, w = image.shape[:2]
+    if mask.shape != (h, w) or class_map.shape != (h, w):
+        raise DataError(
+            f"{source}: mask is {mask.shape[0]}x{mask.shape[1]} but image {sample.image_path.name} is {h}x{w}; "
+            "replace the mask with one of the image's size"
+        )
+    mask = mask.astype(bool, copy=False)
+    if class_map.dtype != np.uint8 or int(class_map.max(initial=0)) > 2:
+        raise DataError(f"{source}: class map holds values other than 0/1/2 for sample {sample.sample_id}")
+    if not np.array_equal(class_map > 0, mask):
+        raise DataError(f"{source}: class map and lesion mask disagree for sample {sample.sample_id}")
+    return _Decoded(
+        height=h,
+        width=w,
+        mask_png=_encode_png(mask.astype(np.uint8) * 255, f"mask of {sample.sample_id}"),
+        class_png=_encode_png(class_map, f"class map of {sample.sample_id}"),
+        signature=image_signature(image),
+        notes=[str(n) for n in decoded.notes],
+    )
+
+
+def _decode_all(
+    adapter: Adapter, samples: Sequence[RawSample], workers: int, progress: bool
+) -> list[_Decoded]:
+    """Decode in input order; OpenCV and zlib release the GIL, so threads use both cores without pickling."""
+    bar = tqdm(
+        total=len(samples), desc=f"decode {adapter.key}", unit="img", disable=None if progress else True
+    )
+
+    def one(sample: RawSample) -> _Decoded:
+        result = _decode_sample(adapter, sample)
+        bar.update(1)
+        return result
+
+    try:
+        if workers <= 1 or len(samples) < PARALLEL_MIN:
+            return [one(s) for s in samples]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results: Iterator[_Decoded] = pool.map(one, samples)
+            try:
+                return list(results)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------------------------------------------- prepare
+
+
+def _raw_relative(path: Path, dataset_dir: Path, raw_root: Path, key: str) -> str:
+    """Image path relative to the raw root, also when the dataset folder is a symlink the adapter resolved."""
+    try:
+        return relative_posix(path, raw_root, f"{key}: image")
+    except DataError:
+        inner = relative_posix(Path(path).resolve(), Path(dataset_dir).resolve(), f"{key}: image")
+        outer = relative_posix(dataset_dir, raw_root, f"{key}: dataset folder")
+        return f"{outer}/{inner}"
+
+
+def _count(values: Sequence[Any]) -> dict[str, int]:
+    return {str(k): int(v) for k, v in sorted(Counter(str(x) for x in values).items())}
+
+
+def _prepare_one(
+    adapter: Adapter,
+    roots: DataRoots,
+    *,
+    test_size: float,
+    folds: int,
+    seed: int,
+    official_folds: bool,
+    workers: int,
+    progress: bool,
+) -> PreparedDataset:
+    key = adapter.key
+    dataset_dir = adapter.locate(roots.raw_root)
+    samples = sorted(adapter.scan(dataset_dir), key=lambda s: s.sample_id)
+    if not samples:
+        raise DataError(
+            f"{key}: no images found in {dataset_dir}; check that the dataset was unpacked completely"
+        )
+    seen: set[str] = set()
+    for s in samples:
+        if not SAFE_ID.match(s.sample_id):
+            raise DataError(f"{s.image_path}: sample id {s.sample_id!r} is not usable as a file name")
+        if s.sample_id in seen:
+            raise DataError(f"{s.image_path}: sample id {s.sample_id!r} occurs twice in {dataset_dir}")
+        seen.add(s.sample_id)
+        if s.label not in LABELS:
+            raise DataError(f"{s.image_path}: label {s.label!r} is not one of {', '.join(LABELS)}")
+    image_paths = [_raw_relative(s.image_path, dataset_dir, roots.raw_root, key) for s in samples]
+    if official_folds and all(s.official_fold is None for s in samples):
+        raise DataError(
+            f"{key}: --official-folds needs a dataset with an official fold file (busbra); {key} has none"
+        )
+
+    decoded = _decode_all(adapter, samples, workers, progress)
+
+    ids = [s.sample_id for s in samples]
+    labels = {s.sample_id: s.label for s in samples}
+    pairs = find_duplicates(ids, [d.signature for d in decoded])
+    group_of = group_samples(ids, [s.patient_id for s in samples], pairs)
+    conflicts = label_conflicts(pairs, labels)
+    mixed = mixed_label_groups(group_of, labels)
+    result = assign_splits(
+        ids,
+        [s.label for s in samples],
+        [group_of[i] for i in ids],
+        test_size=test_size,
+        folds=folds,
+        seed=seed,
+        official_folds=[s.official_fold for s in samples] if official_folds else None,
+        dataset=key,
+    )
+
+    rows = []
+    derived: dict[str, bytes] = {}
+    for k, (sample, dec) in enumerate(zip(samples, decoded, strict=True)):
+        mask_name = sample.sample_id + MASK_SUFFIX
+        class_name = sample.sample_id + CLASS_SUFFIX
+        derived[mask_name] = dec.mask_png
+        derived[class_name] = dec.class_png
+        row: dict[str, Any] = {
+            "sample_id": sample.sample_id,
+            "dataset": key,
+            "patient_id": sample.patient_id,
+            "group_id": group_of[sample.sample_id],
+            "label": sample.label,
+            "image_path": image_paths[k],
+            "mask_path": f"{key}/{mask_name}",
+            "class_mask_path": f"{key}/{class_name}",
+            "height": dec.height,
+            "width": dec.width,
+            "split": str(result.split[k]),
+            "fold": int(result.fold[k]),
+        }
+        for meta_key, value in sorted(sample.meta.items()):
+            row[f"meta_{meta_key}"] = "" if value is None else str(value)
+        rows.append(row)
+    data = manifest_bytes(rows)
+    # Read back what was built, so a manifest prepare writes always passes read_manifest.
+    validate_manifest(pd.DataFrame(rows).astype(str), f"{key}.csv (being built)")
+
+    notes = [
+        n if n.startswith(s.sample_id) else f"{s.sample_id}: {n}"
+        for s, d in zip(samples, decoded, strict=True)
+        for n in d.notes
+    ]
+    summary = _summary(
+        key,
+        rows,
+        roots=roots,
+        dataset_dir=dataset_dir,
+        manifest_sha256=sha256_bytes(data),
+        seed=seed,
+        test_size=test_size,
+        folds=folds,
+        official_folds=official_folds,
+        options=adapter.options(),
+        excluded=dict(sorted(adapter.excluded.items())),
+        pairs=[p.as_dict() for p in pairs],
+        conflicts=[p.as_dict() for p in conflicts],
+        mixed=mixed,
+        notes=result.notes + notes,
+    )
+    return PreparedDataset(key=key, manifest=data, summary=summary, derived=derived)
+
+
+def _summary(key: str, rows: list[dict[str, Any]], **info: Any) -> dict[str, Any]:
+    labels = np.array([r["label"] for r in rows])
+    split = np.array([r["split"] for r in rows])
+    fold = np.array([r["fold"] for r in rows])
+    k = info["folds"]
+    dup_groups = {
+        r["group_id"] for r in rows if any(r["sample_id"] in (p["a"], p["b"]) for p in info["pairs"])
+    }
+    roots: DataRoots = info["roots"]
+    return {
+        "dataset": key,
+        "busbench_version": __version__,
+        "manifest": f"{key}.csv",
+        "manifest_sha256": info["manifest_sha256"],
+        "raw_root": os.fspath(roots.raw_root.absolute()),
+        "derived_root": os.fspath(roots.derived_root.absolute()),
+        "dataset_dir": relative_posix(info["dataset_dir"], roots.raw_root, "dataset folder")
+        if info["dataset_dir"] != roots.raw_root
+        else ".",
+        "seed": info["seed"],
+        "test_size": info["test_size"],
+        "folds": k,
+        "official_folds": info["official_folds"],
+        "adapter_options": {
+            str(name): value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+            for name, value in sorted(info["options"].items())
+        },
+        "counts": {
+            "images": len(rows),
+            "label": _count(labels),
+            "split": _count(split),
+            "fold": {str(f): int((fold == f).sum()) for f in range(k)},
+            "split_label": {s: _count(labels[split == s]) for s in ("dev", "test")},
+            "fold_label": {str(f): _count(labels[fold == f]) for f in range(k)},
+        },
+        "patients": len({r["patient_id"] for r in rows}),
+        "groups": len({r["group_id"] for r in rows}),
+        "balance": {
+            "test_fraction": round(float((split == "test").mean()), 4),
+            "max_label_deviation": {
+                "test": round(label_deviation(labels, split == "test"), 4),
+                **{f"fold_{f}": round(label_deviation(labels, fold == f), 4) for f in range(k)},
+            },
+        },
+        "duplicates": {
+            "pairs": info["pairs"],
+            "duplicate_pairs": sum(p["kind"] == "duplicate" for p in info["pairs"]),
+            "near_pairs": sum(p["kind"] == "near" for p in info["pairs"]),
+            "groups_with_duplicates": len(dup_groups),
+            "label_conflicts": info["conflicts"],
+            "mixed_label_groups": info["mixed"],
+        },
+        "excluded": info["excluded"],
+        "notes": info["notes"],
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ write
+
+
+def _check_roots(roots: DataRoots) -> None:
+    raw = os.path.normpath(os.path.abspath(roots.raw_root))
+    for name, path in (("derived root", roots.derived_root), ("manifest folder", roots.manifest_dir)):
+        other = os.path.normpath(os.path.abspath(path))
+        if os.path.commonpath([raw, other]) in (raw, other):
+            raise DataError(
+                f"the {name} {path} overlaps the raw root {roots.raw_root}; raw data is read-only, so "
+                "choose separate folders (--data-root/--out)"
+            )
+
+
+def _write(prepared: Sequence[PreparedDataset], roots: DataRoots) -> list[Path]:
+    """Write derived folders (each swapped in by one rename), then manifests and summaries atomically."""
+    created_root = not roots.derived_root.exists()
+    staged: list[tuple[Path, Path]] = []
+    try:
+        roots.derived_root.mkdir(parents=True, exist_ok=True)
+        for item in prepared:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{item.key}.", dir=roots.derived_root))
+            staged.append((tmp, roots.derived_root / item.key))
+            for name, data in sorted(item.derived.items()):
+                (tmp / name).write_bytes(data)
+        for tmp, final in staged:
+            _normal_permissions(tmp)
+            if final.exists():
+                trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=roots.derived_root))
+                os.replace(final, trash / final.name)
+                os.replace(tmp, final)
+                shutil.rmtree(trash)
+            else:
+                os.replace(tmp, final)
+    except BaseException:
+        for tmp, _ in staged:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        if created_root and roots.derived_root.is_dir() and not any(roots.derived_root.iterdir()):
+            roots.derived_root.rmdir()
+        raise
+    paths = []
+    for item in prepared:
+        manifest = roots.manifest_dir / f"{item.key}.csv"
+        atomic_write_bytes(manifest, item.manifest)
+        atomic_write_text(manifest.with_suffix(".json"), summary_json(item.summary))
+        paths.append(manifest)
+    return paths
+
+
+def _normal_permissions(folder: Path) -> None:
+    """mkdtemp makes 0700 folders; give the derived folder the permissions of an ordinary mkdir."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+
+
+def prepare(
+    datasets: Sequence[str],
+    data_root: str | os.PathLike | None = None,
+    raw_root: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    test_size: float = 0.2,
+    folds: int = 5,
+    seed: int = 42,
+    official_folds: bool = False,
+    adapter_options: Mapping[str, Mapping[str, Any]] | None = None,
+    progress: bool = True,
+    *,
+    derived_root: str | os.PathLike | None = None,
+    workers: int | None = None,
+) -> list[Path]:
+    """Prepare each dataset key; returns the manifest paths (``<out>/<key>.csv``), in the order given.
+
+    Roots default to ``<data_root>/raw``, ``<data_root>/derived`` and ``<data_root>/manifests``, with
+    ``data_root`` from the argument, else ``$BUSBENCH_DATA``, else ``data``. ``adapter_options`` maps a dataset
+    key to keyword options of its adapter (e.g. ``{"bus_uclm": {...}}``). ``progress`` shows progress bars (on a
+    terminal) and prints a summary table. Raises DataError, and writes nothing, if any dataset fails.
+    """
+    if not datasets:
+        raise DataError("no datasets given; pass --datasets with one or more keys (e.g. busi busbra)")
+    repeated = sorted(k for k, c in Counter(datasets).items() if c > 1)
+    if repeated:
+        raise DataError(f"dataset {repeated[0]!r} is listed more than once in --datasets")
+    if not isinstance(test_size, (int, float)) or not 0.0 < float(test_size) < 1.0:
+        raise DataError(f"--test-size must be between 0 and 1 (exclusive), got {test_size}")
+    if int(folds) != folds or folds < 2:
+        raise DataError(f"--folds must be an integer of at least 2, got {folds}")
+    options = dict(adapter_options or {})
+    unknown = sorted(set(options) - set(datasets))
+    if unknown:
+        raise DataError(
+            f"adapter options given for {unknown[0]!r}, which is not among --datasets {list(datasets)}"
+        )
+    roots = DataRoots.resolve(data_root, raw_root, derived_root, out)
+    _check_roots(roots)
+    if not roots.raw_root.is_dir():
+        raise DataError(
+            f"raw root {roots.raw_root} does not exist; unpack the datasets there (e.g. {roots.raw_root}/BUSI) "
+            "or pass --raw-root / --data-root"
+        )
+    # Every key and option is checked before the first image is read.
+    adapters = [get_adapter(key, **dict(options.get(key, {}))) for key in datasets]
+    n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    prepared = [
+        _prepare_one(
+            adapter,
+            roots,
+            test_size=float(test_size),
+            folds=int(folds),
+            seed=int(seed),
+            official_folds=official_folds,
+            workers=n_workers,
+            progress=progress,
+        )
+        for adapter in adapters
+    ]
+    paths = _write(prepared, roots)
+    if progress:
+        print(summary_table([p.summary for p in prepared]))
+        for path in paths:
+            print(f"wrote {path} and {path.with_suffix('.json').name}")
+    return paths
+
+
+def summary_table(summaries: Sequence[Mapping[str, Any]]) -> str:
+    """Plain-text table: images by label, patients, groups, duplicates, label conflicts, test and fold sizes."""
+    header = [
+        "dataset",
+        "images",
+        "normal",
+        "benign",
+        "malignant",
+        "patients",
+        "groups",
+        "dup pairs",
+        "conflicts",
+        "test",
+        "folds",
+    ]
+    lines = []
+    for s in summaries:
+        counts = s["counts"]
+        lines.append(
+            [
+                s["dataset"],
+                str(counts["images"]),
+                *(str(counts["label"].get(lab, 0)) for lab in LABELS),
+                str(s["patients"]),
+                str(s["groups"]),
+                str(len(s["duplicates"]["pairs"])),
+                str(len(s["duplicates"]["label_conflicts"])),
+                str(counts["split"].get("test", 0)),
+                "/".join(str(v) for v in counts["fold"].values()),
+            ]
+        )
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
+    return "\n".join(fmt.format(*r) for r in [header, *lines])
+
+
+# -------------------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        required=True,
+        metavar="KEY",
+        help="dataset keys: busi, curated_busi, busbra, bus_uc, bus_uclm, yap2018",
+    )
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="folder holding raw/, derived/ and manifests/ (default: $BUSBENCH_DATA or data)",
+    )
+    parser.add_argument(
+        "--raw-root",
+        type=Path,
+        default=None,
+        help="folder holding the unpacked datasets (default: <data-root>/raw)",
+    )
+    parser.add_argument(
+        "--derived-root",
+        type=Path,
+        default=None,
+        help="folder for derived masks (default: <data-root>/derived)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for <key>.csv and <key>.json (default: <data-root>/manifests)",
+    )
+    parser.add_argument("--test-size", type=float, default=0.2, help="held-out test fraction (default 0.2)")
+    parser.add_argument(
+        "--folds", type=int, default=5, help="cross-validation folds over the dev rows (default 5)"
+    )
+    parser.add_argument("--seed", type=int, default=42, help="seed for the test split and folds (default 42)")
+    parser.add_argument(
+        "--official-folds",
+        action="store_true",
+        help="BUSBRA: dev rows keep the official 5-fold-cv.csv folds (test split still grouped here)",
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY.NAME=VALUE",
+        help="adapter option for one dataset, e.g. bus_uclm.hesn_rule=resize (repeatable)",
+    )
+    parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: up to 4)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary table")
+
+
+def parse_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``KEY.NAME=VALUE`` strings -> {key: {name: value}}; true/false/yes/no and integers are converted."""
+    options: dict[str, dict[str, Any]] = {}
+    for item in items:
+        match = re.match(r"^([a-z0-9_]+)\.([A-Za-z_][A-Za-z0-9_]*)=(.*)$", item)
+        if not match:
+            raise DataError(f"--option {item!r} is not KEY.NAME=VALUE (e.g. bus_uclm.hesn_rule=resize)")
+        key, name, raw = match.groups()
+        value: Any = raw
+        if raw.lower() in ("true", "yes"):
+            value = True
+        elif raw.lower() in ("false", "no"):
+            value = False
+        elif re.fullmatch(r"-?\d+", raw):
+            value = int(raw)
+        options.setdefault(key, {})[name] = value
+    return options
+
+
+def run(args: argparse.Namespace) -> int:
+    prepare(
+        args.datasets,
+        data_root=args.data_root,
+        raw_root=args.raw_root,
+        out=args.out,
+        test_size=args.test_size,
+        folds=args.folds,
+        seed=args.seed,
+        official_folds=args.official_folds,
+        adapter_options=parse_options(args.option),
+        progress=not args.quiet and sys.stdout is not None,
+        derived_root=args.derived_root,
+        workers=args.workers,
+    )
+    return 0
