@@ -27,6 +27,9 @@ FAMILY_MODULES = (
     "busbench.models.medt",
     "busbench.models.swinunet",
     "busbench.models.smp_family",
+    "busbench.models.skunet",
+    "busbench.models.maskrcnn",
+    "busbench.models.unet_ds",
 )
 
 
