@@ -235,6 +235,19 @@ def test_locate_reports_where_it_looked(tmp_path):
         get_adapter("bus_uclm").locate(tmp_path)
 
 
+def test_macos_resource_folders_are_skipped(raw):
+    nested = raw / "BUSI" / "unpacked"
+    nested.mkdir()
+    (raw / "BUSI" / "Dataset_BUSI_with_GT").rename(nested / "Dataset_BUSI_with_GT")
+    shutil.copytree(nested, raw / "BUSI" / "__MACOSX" / "unpacked")
+    assert get_adapter("busi").locate(raw) == nested / "Dataset_BUSI_with_GT"
+
+
+def test_samples_are_hashable(synthetic_root):
+    _, samples = _load("busbra", synthetic_root)
+    assert len(set(samples)) == len(samples)
+
+
 def test_two_copies_are_ambiguous(raw):
     shutil.copytree(raw / "BUSI" / "Dataset_BUSI_with_GT", raw / "BUSI" / "copy")
     with pytest.raises(DataError, match="more than one dataset copy"):

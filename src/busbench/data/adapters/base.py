@@ -49,7 +49,7 @@ class RawSample:
     patient_id: str  # from metadata where the dataset has one, else equal to sample_id
     image_path: Path  # absolute path of the raw image file
     mask_paths: tuple[Path, ...]  # absolute paths of the raw mask file(s), merged by OR when more than one
-    meta: dict[str, str] = field(default_factory=dict)  # extra metadata; the manifest stores it as meta_<key>
+    meta: dict[str, str] = field(default_factory=dict, hash=False)  # extra metadata; stored as meta_<key>
     official_fold: int | None = None  # BUSBRA 5-fold-cv.csv kFold (test fold 1..5), else None
 
 
@@ -114,10 +114,15 @@ class Adapter:
         raise NotImplementedError
 
 
+# Archive by-products that hold copies of the folder structure but no real data.
+_SKIPPED_DIRS = frozenset({"__MACOSX"})
+
+
 def find_dataset_dir(top: Path, accept: Callable[[Path], bool], depth: int) -> Path | None:
     """Shallowest folder at or below ``top`` (within ``depth`` levels) that ``accept`` takes; sorted, so stable.
 
-    Two accepted folders at the same depth are ambiguous and raise DataError naming both.
+    Two accepted folders at the same depth are ambiguous and raise DataError naming both. Hidden folders and
+    macOS ``__MACOSX`` resource-fork folders (left by zips made on a Mac) are skipped.
     """
     if not top.is_dir():
         return None
@@ -131,7 +136,10 @@ def find_dataset_dir(top: Path, accept: Callable[[Path], bool], depth: int) -> P
         if hits:
             return hits[0]
         level = sorted(
-            child for d in level for child in d.iterdir() if child.is_dir() and not child.name.startswith(".")
+            child
+            for d in level
+            for child in d.iterdir()
+            if child.is_dir() and not child.name.startswith(".") and child.name not in _SKIPPED_DIRS
         )
         if not level:
             break
