@@ -50,3 +50,13 @@ def test_unknown_name_lists_valid_names_and_suggests() -> None:
 def test_unsupported_settings_are_model_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ModelError, match=message):
         create_model("unet", base_width=2, **kwargs)
+
+
+def test_misspelled_model_param_is_a_clear_error():
+    from busbench.errors import ModelError
+    from busbench.models import create_model
+
+    with pytest.raises(
+        ModelError, match=r"model.params.base_widht is not an option of unet\. Did you mean 'base_width'\?"
+    ):
+        create_model("unet", base_widht=8)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -99,7 +100,24 @@ def create_model(
     if num_classes < 1:
         raise ModelError(f"num_classes={num_classes} must be >= 1")
     spec = get_spec(name)
+    _check_kwargs(spec, kwargs)
     model = spec.builder(in_channels=in_channels, num_classes=num_classes, image_size=image_size, **kwargs)
     if hasattr(model, "check_input_size"):
         model.check_input_size(image_size, image_size)
     return model
+
+
+def _check_kwargs(spec: ModelSpec, kwargs: dict) -> None:
+    """Refuse misspelled builder options (config ``model.params``) before they turn into a TypeError."""
+    params = inspect.signature(spec.builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [n for n in params if n not in ("in_channels", "num_classes", "image_size")]
+    for key in kwargs:
+        if key not in params or key in ("in_channels", "num_classes", "image_size"):
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ModelError(
+                f"model.params.{key} is not an option of {spec.name}.{hint} "
+                f"Accepted: {', '.join(accepted) or 'none'}"
+            )
