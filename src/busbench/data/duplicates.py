@@ -158,6 +158,10 @@ def find_duplicates(
     n = len(sample_ids)
     if n < 2:
         return []
+    # Canonical order first, so that floating-point sums, and hence scores, do not depend on the input order.
+    order = sorted(range(n), key=lambda i: sample_ids[i])
+    sample_ids = [sample_ids[i] for i in order]
+    signatures = [signatures[i] for i in order]
     small_raw = np.stack([s.small for s in signatures]).astype(np.float32)
     large_raw = np.stack([s.large for s in signatures]).astype(np.float32)
     weight = n / (n + COMMON_PRIOR)

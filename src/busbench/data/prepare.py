@@ -540,6 +540,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY.NAME=VALUE",
         help="adapter option for one dataset, e.g. bus_uclm.hesn_rule=resize (repeatable)",
     )
+    parser.add_argument(
+        "--exclude-doppler",
+        action="store_true",
+        help="BUS-UCLM: leave out images with a colour-Doppler overlay (same as "
+        "--option bus_uclm.exclude_doppler=true)",
+    )
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: up to 4)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary table")
 
@@ -563,6 +569,13 @@ def parse_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     return options
 
 
+def _cli_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    options = parse_options(args.option)
+    if args.exclude_doppler:
+        options.setdefault("bus_uclm", {})["exclude_doppler"] = True
+    return options
+
+
 def run(args: argparse.Namespace) -> int:
     prepare(
         args.datasets,
@@ -573,7 +586,7 @@ def run(args: argparse.Namespace) -> int:
         folds=args.folds,
         seed=args.seed,
         official_folds=args.official_folds,
-        adapter_options=parse_options(args.option),
+        adapter_options=_cli_options(args),
         progress=not args.quiet and sys.stdout is not None,
         derived_root=args.derived_root,
         workers=args.workers,
