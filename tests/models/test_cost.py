@@ -131,3 +131,19 @@ def test_models_command_markdown_and_csv(capsys: pytest.CaptureFixture[str]) -> 
     assert float(rows[0]["params_m"]) == pytest.approx(1.47, abs=0.01)
     with pytest.raises(ModelError, match="Valid models"):
         run(parser.parse_args(["--names", "no_such_model"]))
+
+
+def test_fused_attention_is_counted():
+    """scaled_dot_product_attention's two matmuls: 2 * B * heads * L * L * d MACs."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from busbench.models.cost import profile_forward
+
+    class Attention(nn.Module):
+        def forward(self, x):
+            q = x.reshape(1, 2, 16, 8)  # 2 heads, 16 tokens, 8 dims
+            return F.scaled_dot_product_attention(q, q, q)
+
+    _, macs = profile_forward(Attention(), torch.zeros(1, 256))
+    assert macs == 2 * 2 * 16 * 16 * 8

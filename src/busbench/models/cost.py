@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -29,12 +30,13 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 def profile_forward(model: nn.Module, x: Tensor) -> tuple[Tensor | list[Tensor], float]:
     """Run ``model(x)`` once in eval mode without gradients; return the output and the MACs it took.
 
-    The model's train/eval mode is restored afterwards.
+    The model's train/eval mode is restored afterwards. Attention runs through the plain math kernel here, because
+    the fused CPU kernels are invisible to ``FlopCounterMode`` and would drop attention from the count.
     """
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             out = model(x)
     finally:
         model.train(was_training)
