@@ -23,6 +23,7 @@ import difflib
 import importlib
 import inspect
 import io
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,7 @@ class Adapter:
                 f"Unpack the dataset there so that it holds {self.layout}, or pass --raw-root pointing at the "
                 f"folder that contains {self.folder}/"
             )
+        check_utf8_path(found, "folder")
         return found
 
     def scan(self, dataset_dir: Path) -> list[RawSample]:
@@ -266,16 +268,27 @@ def class_map_for(mask: np.ndarray, label: str) -> np.ndarray:
     return mask.astype(np.uint8) * np.uint8(value)
 
 
-def decode_binary(sample: RawSample) -> DecodedSample:
-    """Shared decode for datasets with binary masks: read the image, OR the masks, fit them to the image.
+def decode_binary(sample: RawSample, size_quirk: str | None = None) -> DecodedSample:
+    """Shared decode for datasets with binary masks: read the image, OR the masks, check their size.
 
-    Used by every dataset whose lesion class is the image-level label (all but BUS-UCLM).
+    Used by every dataset whose lesion class is the image-level label (all but BUS-UCLM). A mask of another size
+    than its image is an error unless the dataset has a documented size quirk (``size_quirk``, e.g. BUS-UC's 1-px
+    mismatch): for a dataset whose masks match their images, such a mask belongs to another image or was
+    resampled, and stretching it would train on a wrong outline. With a quirk the mask is resized by nearest
+    neighbour and a note records it.
     """
     image, notes = read_image(sample.image_path)
     shape = image.shape[:2]
     merged = np.zeros(shape, dtype=bool)
     for mask_path in sample.mask_paths:
-        mask, fit_notes = fit_to_image(read_mask(mask_path), shape, mask_path)
+        mask = read_mask(mask_path)
+        if mask.shape != shape and size_quirk is None:
+            raise DataError(
+                f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {sample.image_path.name} is "
+                f"{shape[1]}x{shape[0]}; this dataset's masks have their image's size, so the mask belongs to "
+                "another image or was resampled. Restore both files from the original archive"
+            )
+        mask, fit_notes = fit_to_image(mask, shape, mask_path, f" ({size_quirk})" if size_quirk else "")
         notes.extend(fit_notes)
         merged |= mask
     if len(sample.mask_paths) > 1:
@@ -329,15 +342,44 @@ def read_table(
     return rows
 
 
+def shown_path(path: str | os.PathLike) -> str:
+    """``path`` for a message: bytes that are not UTF-8 appear as ``\\xff`` escapes, as ``ls -b`` shows them."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def is_utf8(text: str) -> bool:
+    """Whether a file-system name decoded to valid UTF-8 (undecodable bytes become lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_utf8_path(path: Path, what: str) -> None:
+    """DataError when ``path`` has a name that is not UTF-8: manifests and summaries are UTF-8 text."""
+    if not is_utf8(os.fspath(path)):
+        raise DataError(
+            f"{shown_path(path)}: {what} name is not valid UTF-8 (undecodable bytes shown as \\x..); rename it to "
+            "a UTF-8 name (e.g. convmv -f latin1 -t utf8) or move it out of the dataset"
+        )
+
+
 def list_files(folder: Path, suffix: str = ".png") -> list[Path]:
-    """Sorted files with ``suffix`` (case-insensitive) in ``folder``, hidden files skipped."""
+    """Sorted files with ``suffix`` (case-insensitive) in ``folder``, hidden files skipped.
+
+    A listed file whose name is not valid UTF-8 raises DataError naming it (it could not be written to a manifest).
+    """
     if not folder.is_dir():
         return []
-    return sorted(
+    files = sorted(
         p
         for p in folder.iterdir()
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() == suffix
     )
+    for path in files:
+        check_utf8_path(path, "file")
+    return files
 
 
 ADAPTERS: dict[str, type[Adapter]] = {}

@@ -87,4 +87,4 @@ class BusUcAdapter(Adapter):
         return sorted(samples, key=lambda s: s.sample_id)
 
     def decode(self, sample: RawSample) -> DecodedSample:
-        return decode_binary(sample)
+        return decode_binary(sample, size_quirk="BUS-UC mirrors have a 1-px image/mask size mismatch")

@@ -9,7 +9,9 @@ Quirk rules:
 - all mask files of an image are merged by OR (a pixel is lesion if any outline covers it), so no lesion is lost
   and overlapping outlines are not double-counted;
 - masks may be 1-bit, L, RGB or RGBA (0/255, alpha all-on); see :func:`~busbench.data.adapters.base.mask_to_bool`;
-- the image is returned as stored (RGB), colour overlays included.
+- the image is returned as stored (RGB), colour overlays included;
+- BUSI masks have their image's size, so a mask of another size is an error (it belongs to another image or was
+  resampled), as are two files naming the same sample (``benign (7).png`` and ``benign (07).png``).
 
 Sample ids are ``<cls>_<nnnn>`` (``benign_0004``), so they sort by class then number.
 """
@@ -58,10 +60,20 @@ def scan_busi_folder(dataset_dir: Path, key: str = "busi") -> list[RawSample]:
                     f"{path}: a {match['cls']} file in the {cls}/ folder; move it to {match['cls']}/"
                 )
             n = int(match["n"])
+            # "benign (7).png" and "benign (07).png" (or "_mask" and "_mask_0") name the same sample; keeping
+            # either one silently would drop the other, so the pair is refused.
             if match["mask"]:
-                masks.setdefault(n, {})[int(match["k"] or 0)] = path
+                slot, k = masks.setdefault(n, {}), int(match["k"] or 0)
+                earlier = slot.get(k)
+                slot[k] = path
             else:
+                earlier = images.get(n)
                 images[n] = path
+            if earlier is not None:
+                raise DataError(
+                    f"{path}: names the same {'mask' if match['mask'] else 'image'} as {earlier.name} (sample "
+                    f"{L.busi_sample_id(cls, n)}); keep one of the two files in {folder}"
+                )
         if not images:
             raise DataError(f"{key}: class folder {folder} holds no images; re-extract Dataset_BUSI.zip")
         for n, mask_files in sorted(masks.items()):
