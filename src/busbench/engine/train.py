@@ -248,6 +248,17 @@ class Schedule:
 # one fold
 
 
+def build_model(cfg: Config) -> nn.Module:
+    """The configured network; ModelError for an unknown name, bad params or an input size it cannot take."""
+    return create_model(
+        cfg.model.name,
+        in_channels=cfg.data.channels,
+        num_classes=1,
+        image_size=cfg.data.image_size,
+        **cfg.model.params,
+    )
+
+
 class FoldTrainer:
     """Trains one fold; its attributes are exactly the state a checkpoint holds."""
 
@@ -306,14 +317,7 @@ class FoldTrainer:
         self.params_m = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values()) / 1e6
 
     def _build_model(self) -> nn.Module:
-        cfg = self.cfg
-        return create_model(
-            cfg.model.name,
-            in_channels=cfg.data.channels,
-            num_classes=1,
-            image_size=cfg.data.image_size,
-            **cfg.model.params,
-        )
+        return build_model(self.cfg)
 
     # ---- checkpoint state
 
@@ -664,6 +668,9 @@ def train(
     bad = [f for f in folds if not 0 <= f < k]
     if bad:
         raise ConfigError(f"fold(s) {bad} do not exist: data.folds={k}, so --fold must be in 0..{k - 1}")
+    # Built once before anything is written, so an unknown model, a wrong parameter or an image size the model
+    # cannot take fails without leaving a run folder behind; each fold builds its own, freshly seeded, copy.
+    build_model(cfg)
     device = resolve_device(cfg.train.device)
     manifest_hashes = check_data(cfg)
     run_dir = cfg.run_dir()

@@ -29,20 +29,12 @@ from busbench.config import config_from_file
 from busbench.errors import BusbenchError, DataError
 
 SUMMARY = "summary.csv"
-KEY_COLUMNS = ("experiment", "train_data", "dataset", "model")
+# the score columns of a summary.csv (busbench.engine.evaluate writes them; kept here so that aggregating
+# needs no torch import)
 SCORE_COLUMNS = (
-    "dice",
-    "iou",
-    "hd95",
-    "precision",
-    "recall",
-    "specificity",
-    "dice_lesion",
-    "iou_lesion",
-    "hd95_lesion",
-    "hd95_penalised",
-    "normal_fp_rate",
-)
+    "dice", "iou", "hd95", "precision", "recall", "specificity", "dice_lesion", "iou_lesion", "hd95_lesion",
+    "precision_lesion", "recall_lesion", "hd95_penalised", "normal_fp_rate",
+)  # fmt: skip
 MD_COLUMNS = (
     ("dice", 4),
     ("iou", 4),
