@@ -341,7 +341,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print one report per dataset; exit status 1 if any audit failed."""
+    """Print one report per dataset; exit status 1 if any audit failed.
+
+    A manifest that does not exist is a usage error (wrong key or data root), reported on one line before any
+    audit runs.
+    """
+    defaults = DataRoots.resolve(args.data_root, None, None, args.manifests)
+    for key in args.datasets:
+        path = _locate(key, defaults)
+        if not path.is_file():
+            raise DataError(
+                f"manifest {path} not found; run busbench prepare --datasets {path.stem} first, or pass "
+                "--data-root / --manifests pointing at the folder that holds it"
+            )
     failed = 0
     for key in args.datasets:
         report = audit_manifest(key, args.data_root, args.raw_root, args.derived_root, args.manifests)
