@@ -169,10 +169,18 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist; check the path (configs live under configs/)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.reader.ReaderError as exc:
+        # a character YAML refuses (NUL, control characters: binary data or UTF-16 text); one line, not PyYAML's two
+        char = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+        raise ConfigError(
+            f"{path} is not YAML text: character {char} at position {exc.position} ({exc.reason}); "
+            "a config must be YAML saved as UTF-8 text"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not a UTF-8 text file; a config must be YAML text") from None
     if data is None:
