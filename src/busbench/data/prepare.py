@@ -300,9 +300,8 @@ def _summary(key: str, rows: list[dict[str, Any]], **info: Any) -> dict[str, Any
     split = np.array([r["split"] for r in rows])
     fold = np.array([r["fold"] for r in rows])
     k = info["folds"]
-    dup_groups = {
-        r["group_id"] for r in rows if any(r["sample_id"] in (p["a"], p["b"]) for p in info["pairs"])
-    }
+    linked = {p["a"] for p in info["pairs"]} | {p["b"] for p in info["pairs"]}
+    dup_groups = {r["group_id"] for r in rows if r["sample_id"] in linked}
     roots: DataRoots = info["roots"]
     return {
         "dataset": key,
@@ -564,7 +563,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY.NAME=VALUE",
-        help="adapter option for one dataset, e.g. bus_uclm.hesn_rule=resize (repeatable)",
+        help="adapter option for one dataset, e.g. bus_uclm.hesn_rule=exclude (repeatable)",
     )
     parser.add_argument(
         "--exclude-doppler",
@@ -582,7 +581,7 @@ def parse_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     for item in items:
         match = re.match(r"^([a-z0-9_]+)\.([A-Za-z_][A-Za-z0-9_]*)=(.*)$", item)
         if not match:
-            raise DataError(f"--option {item!r} is not KEY.NAME=VALUE (e.g. bus_uclm.hesn_rule=resize)")
+            raise DataError(f"--option {item!r} is not KEY.NAME=VALUE (e.g. bus_uclm.hesn_rule=exclude)")
         key, name, raw = match.groups()
         value: Any = raw
         if raw.lower() in ("true", "yes"):
