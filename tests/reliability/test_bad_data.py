@@ -309,9 +309,23 @@ def test_folder_name_that_is_not_utf8(make_raw, capsys):
     renamed = rename_bytes(ds, b"Dataset_BUSI_with_GT\xe9")
     message = prepare_fails(capsys, root, "busi")
     assert message.startswith(
-        f"{os.fsencode(renamed).decode('utf-8', 'backslashreplace')}: folder name is not"
+        f"{os.fsencode(renamed).decode('utf-8', 'backslashreplace')}: folder path is not valid UTF-8"
     )
-    assert "\\xe9" in message and "rename it to a UTF-8 name" in message
+    assert message.endswith(
+        "folder path is not valid UTF-8 (undecodable bytes shown as \\x..); rename the folder "
+        "holding those bytes to a UTF-8 name (e.g. convmv -f latin1 -t utf8)"
+    )
+
+
+def test_data_root_that_is_not_utf8(make_raw, capsys):
+    """A data root below a Latin-1 named folder: refused before anything is written, since the summary records
+    the roots (this used to end in a UnicodeEncodeError with derived masks already in place)."""
+    root, ds = make_raw("busi")
+    renamed = rename_bytes(root, b"d\xe4ta")
+    message = prepare_fails(capsys, renamed, "busi")
+    shown = os.fsencode(renamed / ds.relative_to(root)).decode("utf-8", "backslashreplace")
+    assert message.startswith(f"{shown}: folder path is not valid UTF-8")
+    assert sorted(os.listdir(os.fsencode(renamed))) == [b"raw"]
 
 
 @pytest.mark.parametrize(

@@ -357,11 +357,20 @@ def is_utf8(text: str) -> bool:
 
 
 def check_utf8_path(path: Path, what: str) -> None:
-    """DataError when ``path`` has a name that is not UTF-8: manifests and summaries are UTF-8 text."""
-    if not is_utf8(os.fspath(path)):
+    """DataError when ``path`` has a name that is not UTF-8: manifests and summaries are UTF-8 text.
+
+    ``what`` is "file" (the file's own name is checked: rename it) or "folder" (the whole path is checked, raw
+    root included: rename the folder that holds the bytes).
+    """
+    if what == "file" and not is_utf8(path.name):
         raise DataError(
-            f"{shown_path(path)}: {what} name is not valid UTF-8 (undecodable bytes shown as \\x..); rename it to "
+            f"{shown_path(path)}: file name is not valid UTF-8 (undecodable bytes shown as \\x..); rename it to "
             "a UTF-8 name (e.g. convmv -f latin1 -t utf8) or move it out of the dataset"
+        )
+    if what != "file" and not is_utf8(os.fspath(path)):
+        raise DataError(
+            f"{shown_path(path)}: folder path is not valid UTF-8 (undecodable bytes shown as \\x..); rename the "
+            "folder holding those bytes to a UTF-8 name (e.g. convmv -f latin1 -t utf8)"
         )
 
 
