@@ -16,11 +16,14 @@ from PIL import Image
 
 from busbench.config import config_from_file, save_config
 from busbench.data.loader import build_test_dataset
+from busbench.data.prepare import prepare
+from busbench.data.synth import synthesize
 from busbench.engine import checkpoint as ckpt
 from busbench.engine.evaluate import PER_IMAGE_COLUMNS, SUMMARY_COLUMNS, evaluate_run
 from busbench.engine.train import train
 from busbench.errors import ConfigError, DataError, ModelError
 from busbench.models import create_model
+from busbench.report.aggregate import aggregate
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +242,29 @@ def test_tiny_config_is_what_was_trained(trained_run, synthetic_root):
     cfg = config_from_file(trained_run / "config.yaml")
     expected = tiny_config(synthetic_root, trained_run.parents[2])
     assert ckpt.training_hash(cfg) == ckpt.training_hash(expected)
+
+
+def test_union_run_scores_each_test_split_separately(tmp_path):
+    root = tmp_path / "data"
+    synthesize("busi", root / "raw" / "BUSI", n=20, seed=1)
+    synthesize("busbra", root / "raw" / "BUSBRA", n=20, seed=2)
+    prepare(["busi", "busbra"], data_root=root, folds=2, test_size=0.25, progress=False)
+    train(tiny_config(root, tmp_path / "out", "data.dataset=[busi, busbra]", "train.epochs=1"))
+    run = tmp_path / "out" / "demo" / "busi+busbra" / "unet"
+    val = pd.read_csv(run / "fold0" / "val_per_image.csv")
+    assert set(val["dataset_key"]) == {"busi", "busbra"}
+
+    summary = pd.read_csv(evaluate_run(run), dtype={"fold": str})
+    assert summary["dataset"].tolist() == ["busi"] * 5 + ["busbra"] * 5
+    assert (summary["train_data"] == "busi+busbra").all()
+    ensemble = pd.read_csv(run / "test" / "ensemble_per_image.csv")
+    for key in ("busi", "busbra"):
+        manifest = pd.read_csv(root / "manifests" / f"{key}.csv")
+        test_ids = set(manifest.loc[manifest["split"] == "test", "sample_id"])
+        rows = summary[summary["dataset"] == key]
+        assert (rows["n_test"] == len(test_ids)).all()
+        assert set(ensemble.loc[ensemble["dataset_key"] == key, "sample_id"]) == test_ids
+        scored = ensemble[ensemble["dataset_key"] == key]
+        assert rows.set_index("fold").loc["ensemble", "dice"] == pytest.approx(scored["dice"].mean())
+    board, _ = aggregate([tmp_path / "out"])
+    assert sorted(pd.read_csv(board)["dataset"]) == ["busbra", "busi"]

@@ -312,6 +312,49 @@ def test_cuda_requested_without_gpu_is_a_config_error(synthetic_root, tmp_path):
         train(tiny_config(synthetic_root, tmp_path, "train.device=cuda"))
 
 
+def test_early_stopping_counts_validation_rounds(synthetic_root, tmp_path):
+    """A learning rate too small to change the masks: no validation round improves, so patience 1 stops at the
+    second validation; with val_every=2 validation runs at epochs 2 and 4."""
+    cfg = tiny_config(
+        synthetic_root,
+        tmp_path,
+        "train.epochs=8",
+        "train.val_every=2",
+        "train.early_stopping=1",
+        "train.lr=1e-12",
+        "train.min_lr=0",
+    )
+    (fold_dir,) = train(cfg, folds=[0])
+    log = pd.read_csv(fold_dir / "train_log.csv")
+    assert log["epoch"].tolist() == [1, 2, 3, 4]
+    assert log["val_dice"].isna().tolist() == [True, False, True, False]
+    done = json.loads((fold_dir / "done.json").read_text())
+    assert done["epochs_run"] == 4 and done["best_epoch"] == 2
+    assert done["stop_reason"] == "early stopping after epoch 4"
+
+
+def test_deep_supervision_model_trains(synthetic_root, tmp_path):
+    cfg = tiny_config(
+        synthetic_root,
+        tmp_path,
+        "model.name=unet_ds",
+        "train.epochs=1",
+        "train.deep_supervision_weights=[1.0, 0.5, 0.25, 0.125]",
+    )
+    (fold_dir,) = train(cfg, folds=[0])
+    assert fold_dir.parent.name == "unet_ds"
+    assert (fold_dir / "done.json").is_file()
+    bad = tiny_config(
+        synthetic_root,
+        tmp_path / "bad",
+        "model.name=unet_ds",
+        "train.epochs=1",
+        "train.deep_supervision_weights=[1.0, 0.5]",
+    )
+    with pytest.raises(ConfigError, match="deep_supervision_weights.*2 weights.*4 outputs"):
+        train(bad, folds=[0])
+
+
 # ------------------------------------------------------------------------------------------------ losses
 
 
