@@ -203,7 +203,7 @@ def test_hash_mismatch(root):
 
 def test_missing_manifest_and_summary(root, tmp_path):
     report = audit_manifest("yap2018", data_root=root)
-    assert not report.ok and "run busbench prepare --datasets <key>" in report.problems[0]
+    assert not report.ok and "run busbench prepare --datasets yap2018" in report.problems[0]
     (root / "manifests" / "busi.json").unlink()
     _fails_with(root, "busi", "summary", "not found")
 

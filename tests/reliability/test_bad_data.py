@@ -320,12 +320,27 @@ def test_folder_name_that_is_not_utf8(make_raw, capsys):
 def test_data_root_that_is_not_utf8(make_raw, capsys):
     """A data root below a Latin-1 named folder: refused before anything is written, since the summary records
     the roots (this used to end in a UnicodeEncodeError with derived masks already in place)."""
-    root, ds = make_raw("busi")
+    root, _ = make_raw("busi")
     renamed = rename_bytes(root, b"d\xe4ta")
     message = prepare_fails(capsys, renamed, "busi")
-    shown = os.fsencode(renamed / ds.relative_to(root)).decode("utf-8", "backslashreplace")
+    shown = os.fsencode(renamed / "raw").decode("utf-8", "backslashreplace")
     assert message.startswith(f"{shown}: folder path is not valid UTF-8")
     assert sorted(os.listdir(os.fsencode(renamed))) == [b"raw"]
+
+
+@pytest.mark.parametrize("flag", ["--derived-root", "--out"])
+def test_output_root_that_is_not_utf8(make_raw, capsys, tmp_path, flag):
+    """Derived or manifest folders with non-UTF-8 names are refused before the first file is written."""
+    root, _ = make_raw("busi")
+    bad = os.path.join(os.fsencode(tmp_path), b"out\xff")
+    before = snapshot(root)
+    result = run_cli(
+        capsys, "prepare", "--datasets", "busi", "--data-root", root, flag, os.fsdecode(bad), *PREPARE
+    )
+    message = result.error_line("prepare")
+    assert_unchanged(before, root)
+    assert "out\\xff: folder path is not valid UTF-8" in message
+    assert not os.path.exists(bad)
 
 
 @pytest.mark.parametrize(

@@ -303,7 +303,7 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     """Load and validate a manifest; every column is a string except height, width and fold (int)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"manifest {path} not found; run busbench prepare --datasets <key> first")
+        raise DataError(f"manifest {path} not found; run busbench prepare --datasets {path.stem} first")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8")
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from busbench import __version__
 from busbench.atomic import atomic_write_bytes, atomic_write_text
 from busbench.data.adapters import LABELS, Adapter, RawSample, get_adapter
+from busbench.data.adapters.base import check_utf8_path
 from busbench.data.duplicates import (
     Signature,
     find_duplicates,
@@ -367,6 +368,7 @@ def _check_roots(roots: DataRoots) -> None:
 
 def _write(prepared: Sequence[PreparedDataset], roots: DataRoots) -> list[Path]:
     """Write derived folders (each swapped in by one rename), then manifests and summaries atomically."""
+    summaries = {item.key: summary_json(item.summary) for item in prepared}  # can fail: do it before writing
     created_root = not roots.derived_root.exists()
     staged: list[tuple[Path, Path]] = []
     try:
@@ -396,7 +398,7 @@ def _write(prepared: Sequence[PreparedDataset], roots: DataRoots) -> list[Path]:
     for item in prepared:
         manifest = roots.manifest_dir / f"{item.key}.csv"
         atomic_write_bytes(manifest, item.manifest)
-        atomic_write_text(manifest.with_suffix(".json"), summary_json(item.summary))
+        atomic_write_text(manifest.with_suffix(".json"), summaries[item.key])
         paths.append(manifest)
     return paths
 
@@ -446,6 +448,8 @@ def prepare(
             f"adapter options given for {unknown[0]!r}, which is not among --datasets {list(datasets)}"
         )
     roots = DataRoots.resolve(data_root, raw_root, derived_root, out)
+    for root in (roots.raw_root, roots.derived_root, roots.manifest_dir):
+        check_utf8_path(root, "folder")  # manifests and summaries record these paths as UTF-8 text
     _check_roots(roots)
     if not roots.raw_root.is_dir():
         raise DataError(
