@@ -164,6 +164,16 @@ def test_failed_build_leaves_nothing(prepared, monkeypatch):
     assert list((prepared / "cache" / "busi").iterdir()) == []
 
 
+def test_full_disk_is_reported_and_leaves_nothing(prepared, monkeypatch):
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache_mod, "open_memmap", no_space)
+    with pytest.raises(DataError, match=r"No space left on device.*data.cache: false"):
+        _build(prepared, CacheSettings(32, "letterbox", 1))
+    assert list((prepared / "cache" / "busi").iterdir()) == []
+
+
 def test_losing_a_build_race_discards_the_temporary_copy(prepared, monkeypatch):
     real_build = cache_mod._build
     settings = CacheSettings(32, "letterbox", 1)

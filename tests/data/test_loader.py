@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import cv2
@@ -305,6 +306,17 @@ def test_sampler_epochs_and_resume():
     assert list(EpochSampler(4, True, seed=-3)) == list(EpochSampler(4, True, seed=-3))
 
 
+def test_dataset_survives_pickling_for_spawned_workers(prepared, rows):
+    # spawn/forkserver workers receive a pickled dataset: the cache reopens its memory maps, the pipeline keeps its state
+    _, info = load_dataset_rows(make_cfg(prepared), "busi")
+    folder = ensure_cache(rows, "busi", prepared, info["manifest_sha256"], CacheSettings(32, "letterbox", 1))
+    ds = SegmentationDataset(rows, 32, "letterbox", 1, "unit", augment="bus", cache=ArrayCache([folder]))
+    clone = pickle.loads(pickle.dumps(ds))
+    for i in range(len(ds)):
+        a, b = ds[(i, 100 + i)], clone[(i, 100 + i)]
+        assert all(torch.equal(a[k], b[k]) for k in ("image", "mask", "class_map"))
+
+
 def test_make_loader_settings(rows):
     ds = SegmentationDataset(rows, 32)
     loader = make_loader(ds, 4, shuffle=False, seed=0, num_workers=0, drop_last=True)
@@ -312,3 +324,32 @@ def test_make_loader_settings(rows):
     assert loader.pin_memory == torch.cuda.is_available()
     assert len(list(loader)) == len(ds) // 4
     assert make_loader(ds, 4, True, 0, num_workers=1).persistent_workers
+
+
+# ------------------------------------------------------------------------------------------------ real data
+
+
+@pytest.mark.realdata
+def test_real_busi_cache_matches_png_and_masks_restore(real_data_root, tmp_path):
+    from busbench.data.prepare import prepare
+
+    prepare(["busi"], data_root=tmp_path / "data", raw_root=real_data_root, folds=3, progress=False)
+    cfg = make_cfg(tmp_path / "data", image_size=96, channels=1)
+    rows, info = load_dataset_rows(cfg, "busi")
+    folder = ensure_cache(
+        rows, "busi", tmp_path / "data", info["manifest_sha256"], CacheSettings(96, "letterbox", 1)
+    )
+    cached = SegmentationDataset(rows, 96, "letterbox", 1, cache=ArrayCache([folder]))
+    plain = SegmentationDataset(rows, 96, "letterbox", 1)
+    for i in range(
+        len(rows)
+    ):  # colour overlays, 1-bit and RGBA masks, multi-mask cases: all the same both ways
+        a, b = cached[i], plain[i]
+        assert all(torch.equal(a[k], b[k]) for k in ("image", "mask", "class_map")), rows.loc[i, "sample_id"]
+        original = plain.original_mask(i)
+        assert original.shape == (rows.loc[i, "height"], rows.loc[i, "width"])
+        back = restore(a["mask"][0].numpy(), plain.letterbox_info(i), original.shape) > 0.5
+        if original.sum() > 400:  # lesions large enough that one network pixel is a small part of them
+            dice = 2 * (back & original).sum() / (back.sum() + original.sum())
+            assert dice > 0.9, rows.loc[i, "sample_id"]
+        assert a["label"] == {"normal": 0, "benign": 1, "malignant": 2}[rows.loc[i, "label"]]

@@ -169,9 +169,14 @@ def ensure_cache(
     final = cache_dir_for(data_root, key, digest)
     if (final / INDEX_FILE).is_file():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f"{_TMP_PREFIX}{digest}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise DataError(
+            f"cannot create the cache folder {final.parent} ({exc.strerror or exc}); make {data_root} writable, "
+            "or set data.cache: false to read the PNG files directly"
+        ) from None
     meta = {
         "format": CACHE_FORMAT_VERSION,
         "hash": digest,
@@ -182,7 +187,13 @@ def ensure_cache(
         "channels": settings.channels,
     }
     try:
-        _build(rows, settings, tmp, meta, workers or os.cpu_count() or 1)
+        try:
+            _build(rows, settings, tmp, meta, workers or os.cpu_count() or 1)
+        except OSError as exc:
+            raise DataError(
+                f"writing the cache under {final.parent} failed ({exc.strerror or exc}); free disk space there, "
+                "or set data.cache: false to read the PNG files directly"
+            ) from exc
         try:
             os.rename(tmp, final)
         except OSError:

@@ -34,7 +34,10 @@ def _imread(path: str | Path) -> np.ndarray:
             f"{path} does not exist; re-run `busbench prepare` or point data.data_root at the right folder"
         )
     # imdecode of the bytes instead of imread(path): works for non-ASCII paths on every platform
-    buf = np.fromfile(str(path), dtype=np.uint8)
+    try:
+        buf = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read ({exc.strerror or exc}); check its permissions") from None
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
     if img is None:
         raise DataError(
