@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,26 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+# what atomic_path's temporary files are called: "." + target name + "." + mkstemp's 8 random characters + suffix
+_TEMPORARY = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}(?P<suffix>.*)")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that writers killed mid-write (SIGKILL, power loss) left in ``folder``.
+
+    Such a file is never read (the target keeps its previous version), but a checkpoint's can be gigabytes.
+    Only call this while holding ``folder``'s lock (:mod:`busbench.locking`): a live writer's file looks the same.
+    Returns the removed paths; subfolders are not searched.
+    """
+    removed = []
+    for path in sorted(Path(folder).iterdir()):
+        match = _TEMPORARY.fullmatch(path.name)
+        if match and Path(match["target"]).suffix == match["suffix"] and path.is_file() and not path.is_symlink():
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
