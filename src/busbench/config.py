@@ -88,7 +88,12 @@ class ModelConfig(_Section):
 
 
 class TaskConfig(_Section):
-    mode: Literal["binary"] = "binary"
+    mode: Literal["binary", "multiclass", "multitask"] = "binary"
+    multitask_lambda: float = Field(0.5, ge=0.0, le=1.0)
+    focal_gamma: float = Field(2.0, ge=0.0)
+    cls_dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    oversample: bool = False
+    refine: bool = True
 
 
 class TrainConfig(_Section):
@@ -114,7 +119,9 @@ class TrainConfig(_Section):
     deterministic: bool = False
     val_every: int = Field(1, ge=1)
     early_stopping: int | None = Field(20, ge=1)
-    strategy: Literal["standard"] = "standard"
+    strategy: Literal["standard", "adversarial_ds"] = "standard"
+    adv_weight: float = Field(0.05, ge=0.0)
+    adv_condition_on_image: bool = True
 
 
 class EvalConfig(_Section):
@@ -322,7 +329,7 @@ def validate(data: dict[str, Any], source: str = "config") -> Config:
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as exc:
         msgs = []
         for err in exc.errors():
@@ -331,6 +338,45 @@ def validate(data: dict[str, Any], source: str = "config") -> Config:
             value = err.get("input")
             msgs.append(f"config key '{path}' {msg} (got {value!r})")
         raise ConfigError(f"{source}: " + "; ".join(msgs)) from None
+    problems = method_conflicts(cfg)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    return cfg
+
+
+# losses with a multi-class counterpart (cross-entropy for BCE, multi-class soft Dice for Dice)
+_MULTICLASS_LOSSES = ("bce_dice", "bce", "dice")
+
+
+def method_conflicts(cfg: Config) -> list[str]:
+    """Settings of ``task`` and ``train.strategy`` that cannot work together, each with its fix.
+
+    Checks that need the model itself (a bottleneck for multitask, four deep-supervision outputs for
+    adversarial_ds) are made when the model is built (:mod:`busbench.engine.tasks`).
+    """
+    t, problems = cfg.train, []
+    if t.strategy == "adversarial_ds":
+        if t.accumulate != 1:
+            problems.append(
+                f"train.strategy=adversarial_ds updates generator and discriminators on every batch, so "
+                f"train.accumulate must be 1 (got {t.accumulate}); raise train.batch_size instead"
+            )
+        if t.amp == "fp16":
+            problems.append(
+                "train.strategy=adversarial_ds has no gradient scaling, so train.amp=fp16 would underflow; "
+                "set train.amp=bf16 or none"
+            )
+        if cfg.task.mode != "binary":
+            problems.append(
+                f"train.strategy=adversarial_ds judges one-channel lesion masks, so task.mode must be binary "
+                f"(got {cfg.task.mode})"
+            )
+    if cfg.task.mode == "multiclass" and t.loss not in _MULTICLASS_LOSSES:
+        problems.append(
+            f"task.mode=multiclass trains with cross-entropy and/or Dice: train.loss must be one of "
+            f"{', '.join(_MULTICLASS_LOSSES)} (got {t.loss})"
+        )
+    return problems
 
 
 def load_config(config_path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:

@@ -273,13 +273,24 @@ class EpochSampler(Sampler):
 
     Each ``iter()`` uses the current epoch and then advances it, so successive epochs differ; ``set_epoch(e)``
     makes the next pass epoch ``e`` (resume). The seed of a sample does not depend on where the shuffle puts it.
+
+    ``indices`` (optional) lists the dataset items of one epoch, repeats allowed (deterministic oversampling): an
+    epoch is then a shuffle of that list, and each entry, each copy of a repeated item included, gets its own
+    augmentation seed. Without it an epoch is every item of ``range(n)`` once.
     """
 
-    def __init__(self, n: int, shuffle: bool, seed: int):
-        self.n = int(n)
+    def __init__(self, n: int, shuffle: bool, seed: int, indices: Sequence[int] | None = None):
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.epoch = 0
+        self.indices: np.ndarray | None = None
+        if indices is None:
+            self.n = int(n)
+        else:
+            self.indices = np.asarray(list(indices), dtype=np.int64).reshape(-1)
+            if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= int(n)):
+                raise ValueError(f"sampler indices must lie in 0..{int(n) - 1}, the dataset's items")
+            self.n = int(self.indices.size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -292,8 +303,9 @@ class EpochSampler(Sampler):
         self.epoch += 1
         order = np.random.default_rng(order_seq).permutation(self.n) if self.shuffle else np.arange(self.n)
         seeds = np.random.default_rng(seed_seq).integers(0, 2**63 - 1, size=self.n, dtype=np.int64)
-        for i in order:
-            yield int(i), int(seeds[i])
+        items = order if self.indices is None else self.indices[order]
+        for i, item in zip(order, items, strict=True):
+            yield int(item), int(seeds[i])
 
 
 def seed_worker(worker_id: int) -> None:

@@ -27,6 +27,7 @@ import torch
 
 import busbench
 from busbench.atomic import atomic_write_text
+from busbench.errors import BusbenchError
 
 LOG = logging.getLogger("busbench")
 TRAIN_LOG_COLUMNS = ("epoch", "lr", "train_loss", "val_dice", "val_iou", "val_hd95", "seconds")
@@ -122,10 +123,18 @@ class RunRecord:
         self.save()
 
     def finish(self, status: str, **fields: Any) -> None:
+        """Close the session. Recording a failure is best effort: when run.json cannot be written (a full disk),
+        the failure that ended the run is the error to report, not this one."""
         self.session.update({"end": now(), "status": status, **fields})
         self.data["status"] = status
         self.data.update(fields)
-        self.save()
+        if status == "completed":
+            self.save()
+            return
+        try:
+            self.save()
+        except (OSError, BusbenchError) as exc:
+            LOG.warning("could not record the %s session in %s: %s", status, self.path, exc)
 
     def save(self) -> None:
         atomic_write_text(self.path, json.dumps(self.data, indent=2, sort_keys=False, default=str) + "\n")
