@@ -1,4 +1,4 @@
-"""Figures are written as real, non-trivial PNGs."""
+"""Figures are written as real, non-trivial PNGs; overlays reproduce the masks the evaluator scored."""
 
 from __future__ import annotations
 
@@ -10,8 +10,17 @@ import pytest
 from PIL import Image
 
 from busbench.cli import main
+from busbench.config import load_config
+from busbench.data.prepare import prepare
+from busbench.data.synth import synthesize
+from busbench.engine.evaluate import evaluate_run
+from busbench.engine.train import train
 from busbench.errors import DataError
+from busbench.metrics import per_image
+from busbench.report.overlays import overlay_cases, pick_ranks
 from busbench.report.plots import overlay_grid, transfer_heatmap
+
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "experiments" / "demo.yaml"
 
 
 def assert_real_png(path: Path, min_side: int = 200) -> None:
@@ -88,6 +97,95 @@ def test_overlay_grid(tmp_path: Path):
     assert_real_png(overlay_grid(cases, tmp_path / "o.png", title="synthetic"), min_side=150)
 
 
+def red_pixels(path: Path) -> int:
+    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=int)
+    return int(((rgb[..., 0] > 180) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)).sum())
+
+
+def test_overlay_grid_draws_a_whole_image_prediction(tmp_path: Path):
+    image = np.tile(np.arange(64, dtype=np.uint8) * 3, (64, 1))
+    gt = np.zeros((64, 64), bool)
+    gt[20:40, 20:40] = True
+    case = {"name": "all foreground", "image": image, "gt": gt, "dice": 0.2}
+    full = overlay_grid([{**case, "pred": np.ones((64, 64), bool)}], tmp_path / "full.png")
+    empty = overlay_grid([{**case, "pred": np.zeros((64, 64), bool)}], tmp_path / "empty.png")
+    assert red_pixels(empty) == 0
+    assert red_pixels(full) > 100  # the contour runs along the image edge
+
+
 def test_missing_inputs_fail_clearly(tmp_path: Path, capsys):
     assert main(["plot", "curves", str(tmp_path / "none")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tested_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny trained and tested run on synthetic BUSI-layout data (2 folds, 32 px, 3 epochs)."""
+    root = tmp_path_factory.mktemp("overlay_run")
+    synthesize("busi", root / "data" / "raw" / "BUSI", n=24, seed=5)
+    prepare(["busi"], data_root=root / "data", folds=2, test_size=0.3, seed=42, progress=False)
+    cfg = load_config(
+        DEMO,
+        [
+            f"data.data_root={root / 'data'}",
+            f"output.root={root / 'results'}",
+            "data.image_size=32",
+            "data.folds=2",
+            "model.params.base_width=4",
+            "train.epochs=3",
+            "train.batch_size=4",
+            "output.tensorboard=false",
+        ],
+    )
+    train(cfg)
+    run = cfg.run_dir()
+    evaluate_run(run)
+    return run
+
+
+def test_pick_ranks():
+    assert pick_ranks(7, 3) == [("best", 0), ("median", 3), ("worst", 6)]
+    assert pick_ranks(2, 3) == [("best", 0), ("worst", 1)]
+    assert pick_ranks(9, 5) == [("best", 0), ("rank 3/9", 2), ("median", 4), ("rank 7/9", 6), ("worst", 8)]
+    assert pick_ranks(0, 3) == []
+
+
+def test_overlay_cases_reproduce_the_scored_masks(tested_run: Path):
+    scores = pd.read_csv(tested_run / "test" / "ensemble_per_image.csv", dtype={"sample_id": str})
+    cases = overlay_cases(tested_run)
+    assert [c["name"].split(":")[0] for c in cases] == ["best", "median", "worst"]
+    ranked = scores.sort_values(["dice", "sample_id"], ascending=[False, True]).reset_index(drop=True)
+    expected_ids = [ranked["sample_id"][i] for i in (0, round((len(ranked) - 1) / 2), len(ranked) - 1)]
+    assert [c["name"].split(": ")[1] for c in cases] == expected_ids
+    assert [c["dice"] for c in cases] == sorted((c["dice"] for c in cases), reverse=True)
+    for case in cases:
+        assert case["image"].dtype == np.uint8 and case["image"].shape == (32, 32)
+        assert case["image"].std() > 0
+        assert case["gt"].dtype == bool and case["pred"].dtype == bool and case["gt"].shape == (32, 32)
+        # the re-run prediction is the one the evaluator scored (network resolution)
+        assert per_image(case["pred"], case["gt"])["dice"] == pytest.approx(case["dice"], abs=1e-6)
+    fold_cases = overlay_cases(tested_run, source="fold1", n=2)
+    fold_scores = pd.read_csv(tested_run / "test" / "fold1_per_image.csv")
+    assert [c["dice"] for c in fold_cases] == [fold_scores["dice"].max(), fold_scores["dice"].min()]
+    with pytest.raises(DataError, match="ensemble or fold<k>"):
+        overlay_cases(tested_run, source="best")
+
+
+def test_plot_overlays_and_all(tested_run: Path, tmp_path: Path):
+    out = tmp_path / "figs"
+    assert main(["plot", "overlays", str(tested_run), "--out", str(out)]) == 0
+    png = out / "overlays_busi_unet.png"
+    assert_real_png(png, min_side=150)
+    assert png.stat().st_size > 10_000
+    assert main(["plot", "all", str(tested_run.parent.parent), "--out", str(tmp_path / "all")]) == 0
+    names = sorted(p.name for p in (tmp_path / "all").glob("*.png"))
+    assert names == ["curves_busi_unet.png", "dice_ensemble.png", "overlays_busi_unet.png"]
+    for name in names:
+        assert_real_png(tmp_path / "all" / name, min_side=150)
+
+
+def test_overlays_need_a_tested_run(tmp_path: Path, capsys):
+    run = fake_run(tmp_path, "busi", "unet", 0.0)
+    (run / "test" / "ensemble_per_image.csv").unlink()
+    assert main(["plot", "overlays", str(run)]) == 1
+    assert "busbench test --run" in capsys.readouterr().err

@@ -1,15 +1,16 @@
-"""Figures from result files (PNG, matplotlib's Agg backend; nothing is recomputed here).
+"""Figures from result files (PNG, matplotlib's Agg backend; only the overlays run a model again).
 
 - learning curves per fold, from ``fold<k>/train_log.csv``;
 - per-image Dice distributions per model (box plot with the points), from ``test/*_per_image.csv``;
 - test-set overlay grids per model (best, median, worst case: image, ground-truth contour, prediction contour),
-  from the evaluator's saved ensemble predictions;
+  chosen by the per-image test Dice and predicted again by the run's fold models (:mod:`busbench.report.overlays`);
 - the transfer-matrix heatmap, from ``transfer.csv``.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -126,9 +127,13 @@ def overlay_grid(cases: list[dict], out: Path, title: str = "") -> Path:
     for ax, case in zip(axes[0], cases, strict=True):
         image = case["image"]
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+        height, width = image.shape[:2]
         for mask, colour in ((case["gt"], "lime"), (case["pred"], "red")):
             if mask.any():
-                ax.contour(mask.astype(float), levels=[0.5], colors=colour, linewidths=1.2)
+                # padded by one background pixel, so a mask touching the border (or covering the whole
+                # image, a common failure) still gets a closed contour along the image edge
+                xs, ys = np.arange(-1, width + 1), np.arange(-1, height + 1)
+                ax.contour(xs, ys, np.pad(mask.astype(float), 1), levels=[0.5], colors=colour, linewidths=1.2)
         ax.set_title(f"{case['name']}\nDice {case['dice']:.3f}", fontsize=9)
         ax.axis("off")
     if title:
@@ -160,11 +165,15 @@ def run(args: argparse.Namespace) -> int:
         out_dir = args.out or Path(args.dirs[0])
         written.append(dice_distribution(args.dirs, out_dir / f"dice_{args.source}.png", source=args.source))
     if "overlays" in kinds:
-        from busbench.engine.evaluate import overlay_cases
+        from busbench.report.overlays import overlay_cases
 
         for r in runs:
+            if args.kind == "all" and not (r / "test" / f"{args.source}_per_image.csv").is_file():
+                print(f"skipping overlays of {r}: not tested yet (busbench test --run {r})", file=sys.stderr)
+                continue
             out = (args.out or r) / f"overlays_{r.parent.name}_{r.name}.png"
-            written.append(overlay_grid(overlay_cases(r), out, title=f"{r.parent.name} / {r.name}"))
+            cases = overlay_cases(r, source=args.source)
+            written.append(overlay_grid(cases, out, title=f"{r.parent.name} / {r.name} ({args.source})"))
     for path in written:
         print(path)
     return 0

@@ -1,0 +1,128 @@
+"""Test-set cases worth looking at: the best, median and worst test images of a run, predicted again.
+
+``busbench test`` keeps per-image scores, not predicted masks (a mask per image, model and run would dwarf the
+results). To draw a case, its image is passed once more through the same fold models the evaluator used - the
+fold checkpoints of the run, their mean foreground probability for the ensemble - at the network's input
+resolution. The threshold and test-time augmentation are the ones the scores were computed with (``summary.csv``
+records them, since ``busbench test --set`` may have changed them), so the drawn mask is the one that was scored.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from busbench.engine.evaluate import _fold_checkpoints, _load_models, load_run_config
+from busbench.engine.inference import amp_dtype, predict, resolve_device
+from busbench.errors import DataError
+
+
+def pick_ranks(n_images: int, n: int) -> list[tuple[str, int]]:
+    """``n`` positions spread evenly over ``n_images`` images ranked best first, each with its name.
+
+    The first is ``best``, the last ``worst`` and the middle one ``median`` (rank ``(n_images - 1) / 2``, rounded);
+    positions in between are named by their rank. Fewer images than ``n`` give each image once.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if n_images == 0:
+        return []
+    positions = sorted({int(round(p)) for p in np.linspace(0, n_images - 1, min(n, n_images))})
+    median = int(round((n_images - 1) / 2))
+    named = []
+    for p in positions:
+        if p == 0:
+            kind = "best"
+        elif p == n_images - 1:
+            kind = "worst"
+        elif p == median:
+            kind = "median"
+        else:
+            kind = f"rank {p + 1}/{n_images}"
+        named.append((kind, p))
+    return named
+
+
+def _scoring_settings(run_dir: Path, source: str, cfg: Any) -> tuple[float, bool]:
+    """Threshold and TTA that ``busbench test`` used for ``source`` (from summary.csv), else the config's."""
+    path = run_dir / "summary.csv"
+    threshold, tta = float(cfg.eval.threshold), bool(cfg.eval.tta)
+    if path.is_file():
+        summary = pd.read_csv(path, dtype={"fold": str})
+        fold = source.removeprefix("fold") if source != "ensemble" else "ensemble"
+        rows = summary[summary["fold"] == fold]
+        if len(rows) and {"threshold", "tta"} <= set(rows.columns):
+            threshold = float(rows["threshold"].iloc[0])
+            tta = str(rows["tta"].iloc[0]).strip().lower() in ("true", "1")
+    return threshold, tta
+
+
+def overlay_cases(run_dir: str | Path, source: str = "ensemble", n: int = 3) -> list[dict[str, Any]]:
+    """The best, median and worst test images of ``source`` (``ensemble`` or ``fold<k>``), predicted again.
+
+    Images are ranked by the per-image Dice in ``test/<source>_per_image.csv`` (ties by sample id). Each case is
+    ``{"name": "<kind>: <sample_id>", "image": (S, S) uint8 (``(S, S, 3)`` for 3-channel runs), "gt": (S, S) bool,
+    "pred": (S, S) bool, "dice": float}`` at the network's input resolution; ``dice`` is the score from the CSV
+    (at ``eval.resolution``, so it can differ slightly from the drawn masks' Dice for ``original``).
+    """
+    run_dir = Path(run_dir)
+    if not re.fullmatch(r"ensemble|fold\d+", source):
+        raise DataError(f"--source {source!r}: use ensemble or fold<k> (e.g. fold0)")
+    csv = run_dir / "test" / f"{source}_per_image.csv"
+    if not csv.is_file():
+        raise DataError(f"{csv} not found; score the run first: busbench test --run {run_dir}")
+    cfg = load_run_config(run_dir)
+    scores = pd.read_csv(csv, dtype={"sample_id": str, "dataset_key": str})
+    ranked = scores.sort_values(["dice", "dataset_key", "sample_id"], ascending=[False, True, True])
+    ranked = ranked.reset_index(drop=True)
+    chosen = [(kind, ranked.iloc[p]) for kind, p in pick_ranks(len(ranked), n)]
+    if not chosen:
+        raise DataError(f"{csv} has no rows; rerun busbench test --run {run_dir}")
+
+    checkpoints = _fold_checkpoints(run_dir, cfg)
+    if source != "ensemble":
+        fold = int(source.removeprefix("fold"))
+        checkpoints = [c for c in checkpoints if c[0] == fold]
+        if not checkpoints:
+            raise DataError(f"{run_dir} has no fold {fold}; data.folds is {cfg.data.folds}")
+    device = resolve_device(cfg.train.device)
+    models, _ = _load_models(cfg, checkpoints, device)
+    dtype = amp_dtype(device, cfg.train.amp)
+    threshold, tta = _scoring_settings(run_dir, source, cfg)
+
+    from busbench.data import loader as data_loader
+
+    datasets: dict[str, Any] = {}
+    cases = []
+    for kind, row in chosen:
+        key = str(row["dataset_key"])
+        if key not in datasets:
+            datasets[key] = data_loader.build_test_dataset(cfg, key)
+        ds = datasets[key]
+        where = np.flatnonzero(ds.rows["sample_id"].astype(str).to_numpy() == str(row["sample_id"]))
+        if where.size != 1:
+            raise DataError(
+                f"test image {row['sample_id']} of {csv} is not in the current {key} test split; the manifest "
+                f"changed since testing. Rerun busbench test --run {run_dir}"
+            )
+        item = ds[int(where[0])]
+        probs = predict(
+            models, item["image"][None], device, dtype, tta=tta, channels_last=cfg.train.channels_last
+        )
+        prob = probs.mean(dim=0)[0]
+        pixels, _ = ds.pixels(int(where[0]))
+        image = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+        cases.append(
+            {
+                "name": f"{kind}: {row['sample_id']}",
+                "image": np.ascontiguousarray(image, dtype=np.uint8),
+                "gt": item["mask"][0].numpy() >= 0.5,
+                "pred": (prob >= threshold).numpy(),
+                "dice": float(row["dice"]),
+            }
+        )
+    return cases
