@@ -62,6 +62,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"busbench {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser.set_defaults(_commands={})
     for name, (module, help_text) in COMMANDS.items():
         if not _available(module):
             continue
@@ -69,6 +70,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
         if selected is None or selected == name:
             importlib.import_module(module).add_arguments(cmd)
         cmd.set_defaults(_module=module)
+        parser.get_default("_commands")[name] = cmd
     return parser
 
 
@@ -76,7 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     selected = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(selected if selected in COMMANDS else None)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # report unknown options against the subcommand that was given them, not the top level
+        target = parser.get_default("_commands").get(getattr(args, "command", None) or "", parser)
+        target.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
