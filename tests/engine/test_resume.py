@@ -118,7 +118,7 @@ def test_ctrl_c_exits_130_with_a_message(synthetic_root, tmp_path, monkeypatch, 
     ]
     assert cli.main(args) == 130
     assert "interrupted" in capsys.readouterr().err
-    assert "Run the same command again to resume" in caplog.text
+    assert "checkpoint_last.pt holds epoch 1. Run the same command again to resume" in caplog.text
     assert ckpt.load_checkpoint(fold_dir(tmp_path) / "checkpoint_last.pt")["epoch"] == 1
 
 
@@ -162,20 +162,25 @@ def tiny_config_overrides(data_root: Path, out: Path) -> list[str]:
     ]
 
 
-def test_killed_process_resumes_to_the_same_weights(synthetic_root, tmp_path):
-    """SIGKILL (no cleanup at all) right after the first epoch's checkpoint appears, then resume."""
-    sets = [*tiny_config_overrides(synthetic_root, tmp_path / "killed"), "train.epochs=4"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def start_training_and_wait(out: Path, data_root: Path, epochs: int = 4) -> tuple[subprocess.Popen, Path]:
+    """``busbench train`` in a subprocess; returns once fold 0's first checkpoint exists (or the process ended)."""
+    sets = [*tiny_config_overrides(data_root, out), f"train.epochs={epochs}"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "busbench.cli", "train", "--config", str(DEMO), "--fold", "0", "--set", *sets],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env=env,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
     )
-    last = fold_dir(tmp_path / "killed") / "checkpoint_last.pt"
+    last = fold_dir(out) / "checkpoint_last.pt"
     deadline = time.monotonic() + 300
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
+    return proc, last
+
+
+def test_killed_process_resumes_to_the_same_weights(synthetic_root, tmp_path):
+    """SIGKILL (no cleanup at all) right after the first epoch's checkpoint appears, then resume."""
+    proc, last = start_training_and_wait(tmp_path / "killed", synthetic_root)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     stderr = proc.stderr.read().decode() if proc.stderr else ""
@@ -191,3 +196,17 @@ def test_killed_process_resumes_to_the_same_weights(synthetic_root, tmp_path):
     sessions = json.loads((last.parent / "run.json").read_text())["sessions"]
     assert [s["status"] for s in sessions] == ["killed", "completed"]
     assert sessions[1]["resumed_from_epoch"] == killed_at
+
+
+def test_sigterm_stops_like_ctrl_c(synthetic_root, tmp_path):
+    """A batch scheduler's SIGTERM: exit status 130, the run recorded as interrupted, a one-line reason."""
+    proc, last = start_training_and_wait(tmp_path, synthetic_root, epochs=20)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=120)
+    stderr = proc.stderr.read().decode() if proc.stderr else ""
+    proc.stderr.close()
+    assert code == 130, stderr[-2000:]
+    assert "Run the same command again to resume" in stderr
+    info = json.loads((last.parent / "run.json").read_text())
+    assert info["status"] == "interrupted"
+    assert 1 <= ckpt.load_checkpoint(last)["epoch"] < 20

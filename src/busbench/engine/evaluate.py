@@ -41,10 +41,10 @@ from busbench.data.geometry import restore
 from busbench.engine import checkpoint as ckpt
 from busbench.engine.inference import amp_dtype, predict, resolve_device
 from busbench.engine.runlog import LOG, ensure_console_logging
-from busbench.engine.train import CONFIG_FILE, DONE_FILE, sample_table
+from busbench.engine.train import CONFIG_FILE, DONE_FILE, build_model, sample_table
 from busbench.errors import ConfigError, DataError, ModelError
+from busbench.locking import locked
 from busbench.metrics import per_image_batch, summarize
-from busbench.models import create_model
 from busbench.models.cost import count_macs, count_params
 
 PER_IMAGE_COLUMNS = (
@@ -175,13 +175,7 @@ def _load_models(
                 f"{path} was trained with another configuration than {path.parent.parent / CONFIG_FILE} "
                 f"(hash {payload.get('config_hash')} vs {expected}); retrain fold {fold} or restore that config.yaml"
             )
-        model = create_model(
-            cfg.model.name,
-            in_channels=cfg.data.channels,
-            num_classes=1,
-            image_size=cfg.data.image_size,
-            **cfg.model.params,
-        )
+        model = build_model(cfg)
         ckpt.load_model_state(model, payload, path)
         model.eval().to(device)
         if cfg.train.channels_last:
@@ -357,17 +351,16 @@ def evaluate_run(run_dir: Path, overrides: list[str] | None = None) -> Path:
     ensure_console_logging()
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, overrides)
+    with locked(run_dir, wait=30.0):
+        return _evaluate_locked(run_dir, cfg)
+
+
+def _evaluate_locked(run_dir: Path, cfg: Config) -> Path:
     checkpoints = _fold_checkpoints(run_dir, cfg)
     trained_on = _trained_manifests(run_dir, [k for k, _, _ in checkpoints])
     device = resolve_device(cfg.train.device)
     models, meta = _load_models(cfg, checkpoints, device)
-    probe = create_model(
-        cfg.model.name,
-        in_channels=cfg.data.channels,
-        num_classes=1,
-        image_size=cfg.data.image_size,
-        **cfg.model.params,
-    )
+    probe = build_model(cfg)
     cost = (count_params(probe) / 1e6, count_macs(probe, cfg.data.channels, cfg.data.image_size) / 1e9)
     del probe
 

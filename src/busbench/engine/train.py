@@ -30,8 +30,12 @@ Behaviour worth knowing:
   optimiser, scheduler, gradient scaler, RNG states, best score and early-stopping counter restored, and ends with
   the same weights as an uninterrupted run (on the CPU, bit for bit). ``--no-resume`` starts the folds over.
 * Early stopping counts validation rounds without a better validation Dice (``train.early_stopping``).
-* A non-finite training loss stops the run with an error, keeping the last good checkpoint; Ctrl-C keeps the last
-  finished epoch's checkpoint and exits with status 130, and rerunning the command resumes from there.
+* A non-finite training loss stops the run with an error, keeping the last good checkpoint. Ctrl-C (or SIGTERM from
+  a batch scheduler) stops at once: ``checkpoint_last.pt`` always holds the latest *finished* epoch (it is written
+  atomically at every epoch end, so there is nothing half-written to save), ``run.json`` records the interruption,
+  the command exits with status 130, and rerunning it resumes after that epoch. A partial epoch is never saved:
+  resuming from the middle of an epoch could not reproduce the uninterrupted run.
+* Two processes never train the same fold: each fold folder is locked while it trains (``busbench.locking``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import argparse
 import json
 import math
 import shutil
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -306,6 +311,7 @@ class FoldTrainer:
         self.schedule = Schedule(cfg, self.optimizer, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.epoch = 0  # finished epochs
+        self.saved_epoch = 0  # the epoch checkpoint_last.pt holds
         self.best_dice = -math.inf
         self.best_epoch = 0
         self.bad_rounds = 0
@@ -353,7 +359,7 @@ class FoldTrainer:
         self.schedule.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
         set_rng_state(payload["rng"], self.train_loader.generator)
-        self.epoch = int(payload["epoch"])
+        self.epoch = self.saved_epoch = int(payload["epoch"])
         self.best_dice = float(payload["best_dice"])
         self.best_epoch = int(payload["best_epoch"])
         self.bad_rounds = int(payload["bad_rounds"])
@@ -492,6 +498,7 @@ class FoldTrainer:
                     },
                 )
             ckpt.save_checkpoint(self.dir / ckpt.LAST, self.state())
+            self.saved_epoch = self.epoch
             write_train_log(self.dir / "train_log.csv", self.history)
             record.data["train_seconds"] = round(self.train_seconds, 3)
             val = (
@@ -594,15 +601,14 @@ def _train_fold_locked(
         trainer.run(record, tb)
     except KeyboardInterrupt:
         kept = (
-            f"{fold_dir / ckpt.LAST} holds epoch {trainer.epoch}"
-            if (fold_dir / ckpt.LAST).is_file()
+            f"{fold_dir / ckpt.LAST} holds epoch {trainer.saved_epoch}"
+            if trainer.saved_epoch
             else "no epoch had finished"
         )
         record.finish("interrupted", train_seconds=round(trainer.train_seconds, 3))
         LOG.warning(
-            "fold %d interrupted during epoch %d; %s. Run the same command again to resume",
+            "fold %d interrupted; %s. Run the same command again to resume",
             fold,
-            trainer.epoch + 1,
             kept,
         )
         raise
@@ -611,7 +617,7 @@ def _train_fold_locked(
         raise
     except RuntimeError as exc:
         record.finish("failed", error=str(exc).splitlines()[0][:300])
-        if "deterministic" in str(exc):
+        if cfg.train.deterministic and "deterministic implementation" in str(exc):
             raise ConfigError(
                 f"train.deterministic=true, but an operation of model {cfg.model.name!r} has no deterministic "
                 f"implementation on {device.type} ({str(exc).splitlines()[0][:200]}); set train.deterministic=false"
@@ -722,8 +728,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # a batch scheduler's SIGTERM ends the run like Ctrl-C: last epoch kept, clean record
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    folders = train(cfg, folds=args.fold, resume=args.resume, force=args.force)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        folders = train(cfg, folds=args.fold, resume=args.resume, force=args.force)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"trained {len(folders)} fold(s) in {cfg.run_dir()}")
     return 0
