@@ -2,11 +2,15 @@
 #
 # Lists come from variables or flags:  DATASETS="busi busbra" MODELS="unet unext" FOLDS=5 bash scripts/run_cnn.sh
 #   --datasets "a b"  --models "x y"  --folds K  --config FILE  --experiment NAME  --results DIR  --dry-run
-#   --set a.b=v (repeatable, passed to busbench train)
+#   --set a.b=v (repeatable, passed to busbench train for every model)
+#   MODEL_SET_<model>="a.b=v c.d=w": overrides for that model only (model.params differ between models), e.g.
+#   MODEL_SET_unet="model.params.base_width=8" MODEL_SET_unext="model.params.widths=[8,16,32,32,64]"
 # Each (dataset, model, fold) is one `busbench train --fold K` call: busbench skips folds that already finished and
 # resumes interrupted ones from their last checkpoint, so re-running a sweep only does what is left. After the folds of
-# a (dataset, model) finish, `busbench test` scores them; at the end `busbench aggregate` writes the leaderboard.
-# Results are read from files (summary.csv, leaderboard.csv), never parsed from printed output.
+# a (dataset, model) finish, `busbench test` scores them (recomputed on every run; it reads only finished folds);
+# at the end `busbench aggregate` writes the leaderboard. The first failing command stops the sweep with a message
+# naming the step; nothing after it runs. Results are read from files (summary.csv, leaderboard.csv), never parsed
+# from printed output.
 
 sweep_parse_args() {
   DRY_RUN=${DRY_RUN:-0}
@@ -21,7 +25,7 @@ sweep_parse_args() {
       --results) RESULTS=$2; shift 2 ;;
       --set) EXTRA_SET+=("$2"); shift 2 ;;
       --dry-run) DRY_RUN=1; shift ;;
-      -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+      -h|--help) awk 'NR == 1 {next} /^#/ {sub(/^# ?/, ""); print; next} {exit}' "${BASH_SOURCE[0]}"; exit 0 ;;
       *) echo "$(basename "$0"): unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
   done
@@ -57,7 +61,17 @@ sweep_train_cmd() {
   local cmd=(busbench train --config "$CONFIG" --fold "$k" --set "data.dataset=$d" "model.name=$m"
     "data.folds=$FOLDS" "experiment.name=$EXPERIMENT" "output.root=$RESULTS")
   [ ${#EXTRA_SET[@]} -eq 0 ] || cmd+=("${EXTRA_SET[@]}")
+  local per_model="MODEL_SET_$m" extra=()
+  [[ "$m" =~ ^[A-Za-z0-9_]+$ ]] && read -r -a extra <<< "${!per_model:-}"
+  [ ${#extra[@]} -eq 0 ] || cmd+=("${extra[@]}")
   printf '%q ' "${cmd[@]}"
+}
+
+# Stop the sweep after a failed step: the command's own error is printed above this line.
+sweep_fail() {
+  echo "$(basename "$0"): stopped: $1 failed (exit status $2); later steps were not run." \
+    "Fix the error above and rerun the same command: finished folds are skipped." >&2
+  exit "$2"
 }
 
 sweep_main() {
@@ -77,12 +91,12 @@ sweep_main() {
   for d in $DATASETS; do
     for m in $MODELS; do
       for ((k = 0; k < FOLDS; k++)); do
-        eval "$(sweep_train_cmd "$d" "$m" "$k")"
+        eval "$(sweep_train_cmd "$d" "$m" "$k")" || sweep_fail "busbench train ($d, $m, fold $k)" $?
       done
       run=$(sweep_run_dir "$d" "$m")
-      busbench test --run "$run"
+      busbench test --run "$run" || sweep_fail "busbench test --run $run" $?
     done
   done
-  busbench aggregate "$RESULTS/$EXPERIMENT" --out "$RESULTS/$EXPERIMENT"
+  busbench aggregate "$RESULTS/$EXPERIMENT" --out "$RESULTS/$EXPERIMENT" || sweep_fail "busbench aggregate" $?
   echo "leaderboard: $RESULTS/$EXPERIMENT/leaderboard.csv"
 }
