@@ -122,6 +122,8 @@ class TrainConfig(_Section):
     strategy: Literal["standard", "adversarial_ds"] = "standard"
     adv_weight: float = Field(0.05, ge=0.0)
     adv_condition_on_image: bool = True
+    init_from: str | None = None
+    freeze_encoder: bool = False
 
 
 class EvalConfig(_Section):

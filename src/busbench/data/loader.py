@@ -328,17 +328,19 @@ def make_loader(
     seed: int,
     num_workers: int,
     drop_last: bool = False,
+    sampler: EpochSampler | None = None,
 ) -> DataLoader:
     """A DataLoader whose batches depend only on ``seed`` and the epoch (see :class:`EpochSampler`).
 
-    Workers persist across epochs when ``num_workers > 0``; memory is pinned when CUDA is available.
+    Workers persist across epochs when ``num_workers > 0``; memory is pinned when CUDA is available. ``sampler``
+    replaces the default ``EpochSampler(len(dataset), shuffle, seed)`` (e.g. one process's share of it).
     """
     generator = torch.Generator()
     generator.manual_seed(int(seed) & (2**63 - 1))
     return DataLoader(
         dataset,
         batch_size=int(batch_size),
-        sampler=EpochSampler(len(dataset), shuffle, seed),  # type: ignore[arg-type]
+        sampler=sampler if sampler is not None else EpochSampler(len(dataset), shuffle, seed),  # type: ignore[arg-type]
         num_workers=int(num_workers),
         worker_init_fn=seed_worker,
         generator=generator,

@@ -61,8 +61,14 @@ def training_hash(cfg: Config) -> str:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module whose parameters a checkpoint stores (``torch.compile`` wraps the original)."""
-    return getattr(model, "_orig_mod", model)
+    """The module whose parameters a checkpoint stores, inside ``torch.compile`` and DistributedDataParallel wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:

@@ -101,8 +101,9 @@ def environment(device: torch.device) -> dict[str, Any]:
 class RunRecord:
     """``run.json`` of one fold: static provenance plus a list of sessions, rewritten atomically on each change."""
 
-    def __init__(self, path: Path, static: dict[str, Any]) -> None:
+    def __init__(self, path: Path, static: dict[str, Any], enabled: bool = True) -> None:
         self.path = path
+        self.enabled = enabled  # False on the ranks of a multi-process run that do not write files
         previous: dict[str, Any] = {}
         if path.is_file():
             try:
@@ -137,6 +138,8 @@ class RunRecord:
             LOG.warning("could not record the %s session in %s: %s", status, self.path, exc)
 
     def save(self) -> None:
+        if not self.enabled:
+            return
         atomic_write_text(self.path, json.dumps(self.data, indent=2, sort_keys=False, default=str) + "\n")
 
 

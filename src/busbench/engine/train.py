@@ -57,6 +57,8 @@ from torch import nn
 from tqdm import tqdm
 
 import busbench
+import busbench.engine.distributed as distributed
+import busbench.engine.finetune as finetune
 from busbench.atomic import atomic_write_text
 from busbench.config import Config, config_from_file, load_config, save_config
 from busbench.engine import checkpoint as ckpt
@@ -288,6 +290,9 @@ class FoldTrainer:
             )
         seed_everything(t.seed, t.deterministic)
         self.model = self._build_model().to(device)
+        # train.init_from and train.freeze_encoder (busbench.engine.finetune)
+        self.init_info = finetune.prepare_model(self.model, cfg, fold)
+        self.model = distributed.prepare_model(self.model, device)
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.train_loader = loader_api.make_loader(
@@ -305,6 +310,14 @@ class FoldTrainer:
             seed=t.seed,
             num_workers=cfg.data.num_workers,
         )
+        self.dist = distributed.context()
+        if self.dist.active:  # this process's share of every batch (busbench.engine.distributed)
+            self.train_loader = distributed.train_loader(
+                self.dist, self.train_ds, t.batch_size, t.seed, cfg.data.num_workers
+            )
+            self.val_loader = distributed.eval_loader(
+                self.dist, self.val_ds, cfg.eval.batch_size, t.seed, cfg.data.num_workers
+            )
         self.steps_per_epoch = max(1, math.ceil(len(self.train_loader) / t.accumulate))
         self.criterion = build_loss(t)
         self.optimizer = build_optimizer(cfg, self.model)
@@ -406,7 +419,7 @@ class FoldTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.schedule.step()
         bar.close()
-        mean_loss = float(loss_sum) / max(1, n_batches)
+        mean_loss = float(distributed.mean_across_ranks(loss_sum)) / max(1, n_batches)
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(
                 f"fold {self.fold}: the training loss became {mean_loss} during epoch {self.epoch + 1}; stopped. "
@@ -422,7 +435,7 @@ class FoldTrainer:
         tables, overlays = [], []
         for batch in self.val_loader:
             probs = predict(
-                [self.forward],
+                [distributed.unwrap(self.forward)],
                 batch["image"],
                 self.device,
                 self.dtype,
@@ -436,7 +449,9 @@ class FoldTrainer:
             for j in range(len(index)):
                 if len(overlays) < self.cfg.output.overlays:
                     overlays.append(overlay(batch["image"][j].numpy().mean(axis=0), gt[j], pred[j]))
-        per_image = pd.concat(tables, ignore_index=True)
+        per_image = distributed.gather_frames(
+            pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+        )
         return summarize(per_image), per_image, overlays
 
     def run(self, record: RunRecord, tb: TensorBoardLog) -> None:
@@ -463,7 +478,8 @@ class FoldTrainer:
                     improved = True
                     self.best_dice, self.best_epoch, self.bad_rounds = summary["dice"], self.epoch, 0
                     per_image.insert(0, "epoch", self.epoch)
-                    _write_csv(self.dir / "val_per_image.csv", per_image)
+                    if self.dist.is_main:
+                        _write_csv(self.dir / "val_per_image.csv", per_image)
                 else:
                     self.bad_rounds += 1
                 tb.overlays(overlays, self.epoch)
@@ -485,7 +501,7 @@ class FoldTrainer:
                 },
                 self.epoch,
             )
-            if improved:
+            if improved and self.dist.is_main:
                 ckpt.save_checkpoint(
                     self.dir / ckpt.BEST,
                     {
@@ -497,9 +513,10 @@ class FoldTrainer:
                         "model": ckpt.unwrap(self.model).state_dict(),
                     },
                 )
-            ckpt.save_checkpoint(self.dir / ckpt.LAST, self.state())
+            if self.dist.is_main:
+                ckpt.save_checkpoint(self.dir / ckpt.LAST, self.state())
+                write_train_log(self.dir / "train_log.csv", self.history)
             self.saved_epoch = self.epoch
-            write_train_log(self.dir / "train_log.csv", self.history)
             record.data["train_seconds"] = round(self.train_seconds, 3)
             val = (
                 ""
@@ -543,7 +560,7 @@ def train_fold(
 ) -> Path:
     """Train (or resume, or skip when done) fold ``fold``; returns its folder."""
     fold_dir = run_dir / f"fold{fold}"
-    with locked(fold_dir):
+    with distributed.main_lock(fold_dir):
         return _train_fold_locked(cfg, fold, fold_dir, device, manifest_hashes, resume)
 
 
@@ -559,8 +576,9 @@ def _train_fold_locked(
     if resume and done.is_file():
         LOG.info("fold %d is done (%s); skipping it. Use --no-resume to train it again", fold, done)
         return fold_dir
-    if not resume:
+    if not resume and distributed.context().is_main:
         _clear_fold(fold_dir)
+    distributed.barrier()  # the other ranks look at the fold folder only after rank 0 has tidied it
 
     trainer = FoldTrainer(cfg, fold, fold_dir, device, manifest_hashes)
     resumed_from = 0
@@ -573,6 +591,7 @@ def _train_fold_locked(
             trainer.forward = torch.compile(trainer.model)
         else:
             LOG.info("train.compile is ignored on the CPU")
+    trainer.forward = distributed.wrap(trainer.forward, device)
 
     static = {
         "experiment": cfg.experiment.name,
@@ -588,13 +607,14 @@ def _train_fold_locked(
         "n_train": len(trainer.train_ds),
         "n_val": len(trainer.val_ds),
         "params_m": round(trainer.params_m, 4),
+        **trainer.init_info,
         **environment(device),
     }
-    record = RunRecord(fold_dir / "run.json", static)
-    record.start(resumed_from_epoch=resumed_from)
+    record = RunRecord(fold_dir / "run.json", static, enabled=trainer.dist.is_main)
+    record.start(resumed_from_epoch=resumed_from, processes=trainer.dist.world_size)
     tb = TensorBoardLog(
         fold_dir / "tensorboard",
-        cfg.output.tensorboard,
+        cfg.output.tensorboard and trainer.dist.is_main,
         purge_step=resumed_from + 1 if resumed_from else None,
     )
     try:
@@ -649,7 +669,8 @@ def _train_fold_locked(
         train_seconds=round(trainer.train_seconds, 3),
         stop_reason=trainer.stop_reason,
     )
-    atomic_write_text(done, json.dumps(summary, indent=2) + "\n")
+    if trainer.dist.is_main:
+        atomic_write_text(done, json.dumps(summary, indent=2) + "\n")
     LOG.info(
         "fold %d finished: best validation Dice %.4f at epoch %d (%s)",
         fold,
@@ -657,6 +678,7 @@ def _train_fold_locked(
         trainer.best_epoch,
         trainer.stop_reason,
     )
+    distributed.barrier()  # no rank moves on before rank 0 has written done.json
     return fold_dir
 
 
@@ -678,10 +700,15 @@ def train(
     # cannot take fails without leaving a run folder behind; each fold builds its own, freshly seeded, copy.
     build_model(cfg)
     device = resolve_device(cfg.train.device)
+    distributed.check_config(cfg)
+    dist_ctx = distributed.setup(device)  # torchrun: join the process group (no-op in one process)
+    finetune.check_source(cfg, folds)
     manifest_hashes = check_data(cfg)
     run_dir = cfg.run_dir()
-    with locked(run_dir, wait=30.0):
-        prepare_run_dir(cfg, run_dir, force=force)
+    if dist_ctx.is_main:
+        with locked(run_dir, wait=30.0):
+            prepare_run_dir(cfg, run_dir, force=force)
+    distributed.barrier()
     LOG.info(
         "training %s on %s, folds %s, device %s -> %s",
         cfg.model.name,
@@ -739,5 +766,6 @@ def run(args: argparse.Namespace) -> int:
         folders = train(cfg, folds=args.fold, resume=args.resume, force=args.force)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    print(f"trained {len(folders)} fold(s) in {cfg.run_dir()}")
+    if distributed.context().is_main:
+        print(f"trained {len(folders)} fold(s) in {cfg.run_dir()}")
     return 0

@@ -46,14 +46,19 @@ MD_COLUMNS = (
 
 
 def find_summaries(dirs: list[Path]) -> list[Path]:
-    """Every ``summary.csv`` at or below ``dirs``, sorted, each once."""
+    """Every ``summary.csv`` at or below ``dirs``, sorted, each once.
+
+    Scores of a run on another dataset's test split (``<run>/test_on_<B>/summary.csv``, written by ``busbench test
+    --dataset``) are left out: a model trained elsewhere does not belong in that dataset's leaderboard
+    (``busbench transfer`` tabulates them).
+    """
     found: set[Path] = set()
     for d in dirs:
         d = Path(d)
         if d.is_file() and d.name == SUMMARY:
             found.add(d.resolve())
         elif d.is_dir():
-            found.update(p.resolve() for p in d.rglob(SUMMARY))
+            found.update(p.resolve() for p in d.rglob(SUMMARY) if not p.parent.name.startswith("test_on_"))
         else:
             raise DataError(
                 f"{d} does not exist; give run folders (or their parents) written by busbench test"
