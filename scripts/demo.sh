@@ -38,13 +38,12 @@ echo "== aggregate"
 "${BB[@]}" aggregate "$RESULTS/demo"
 
 elapsed=$(( $(date +%s) - start ))
-cat <<DONE
-
-Done in ${elapsed} s. Files:
-  $RUN/config.yaml                    resolved configuration
-  $RUN/fold<k>/                       checkpoints, train_log.csv, val_per_image.csv, run.json, tensorboard/
-  $RUN/test/*_per_image.csv           per-image test metrics of each fold model and the ensemble
-  $RUN/summary.csv                    per-fold, mean, std and ensemble scores
-  $RESULTS/demo/leaderboard.{csv,md}  the leaderboard printed above
-Learning curves: tensorboard --logdir $RUN
-DONE
+echo
+echo "Done in ${elapsed} s. Files:"
+row() { printf '  %-48s %s\n' "$1" "$2"; }
+row "$RUN/config.yaml" "resolved configuration"
+row "$RUN/fold<k>/" "checkpoints, train_log.csv, val_per_image.csv, run.json, tensorboard/"
+row "$RUN/test/*_per_image.csv" "per-image test metrics of each fold model and the ensemble"
+row "$RUN/summary.csv" "per-fold, mean, std and ensemble scores"
+row "$RESULTS/demo/leaderboard.{csv,md}" "the leaderboard printed above"
+echo "Learning curves: tensorboard --logdir $RUN"

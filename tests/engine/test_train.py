@@ -163,6 +163,22 @@ def test_loading_into_another_model_is_a_model_error(one_fold):
         )
 
 
+def test_checkpoint_setup_survives_new_config_keys(one_fold, synthetic_root):
+    """A key added to the schema later (at its default) does not set a checkpoint apart from its run; a changed
+    setting does, and the message names it."""
+    out, fold_dir = one_fold
+    cfg = tiny_config(synthetic_root, out, "output.tensorboard=true", "output.overlays=2")
+    payload = ckpt.load_checkpoint(fold_dir / "checkpoint_best.pt")
+    assert ckpt.setup_differences(payload, cfg) == []
+    stored = json.loads(payload["training_config"])
+    assert stored["train"]["momentum"] == 0.9  # the schema default
+    del stored["train"]["momentum"]  # as if written before train.momentum existed
+    older = {**payload, "training_config": json.dumps(stored), "config_hash": "from-an-older-version"}
+    assert ckpt.setup_differences(older, cfg) == []
+    changed = tiny_config(synthetic_root, out, "train.lr=0.01")
+    assert ckpt.setup_differences(payload, changed) == ["train.lr: 0.003 -> 0.01"]
+
+
 def test_damaged_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / "checkpoint_last.pt"
     path.write_bytes(b"not a checkpoint")

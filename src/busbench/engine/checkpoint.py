@@ -25,8 +25,8 @@ from torch import nn
 
 import busbench
 from busbench.atomic import atomic_path
-from busbench.config import Config
-from busbench.errors import ModelError
+from busbench.config import Config, deep_merge, validate
+from busbench.errors import ConfigError, ModelError
 
 CHECKPOINT_FORMAT = 1
 LAST = "checkpoint_last.pt"
@@ -58,6 +58,47 @@ def training_hash(cfg: Config) -> str:
     """Stable hash of :func:`training_dict`: equal hashes mean interchangeable checkpoints."""
     payload = json.dumps(training_dict(cfg), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every setting that differs between two (nested) config mappings."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def setup_fields(cfg: Config) -> dict[str, str]:
+    """What a checkpoint records about the setup that trained it: the hash and the settings themselves (JSON)."""
+    return {
+        "config_hash": training_hash(cfg),
+        "training_config": json.dumps(training_dict(cfg), sort_keys=True, separators=(",", ":")),
+    }
+
+
+def setup_differences(payload: dict[str, Any], cfg: Config) -> list[str]:
+    """How the setup recorded in a checkpoint differs from ``cfg`` (empty: the checkpoint belongs to ``cfg``).
+
+    The recorded settings are read through the current schema first, so a config key added to busbench later, at
+    its default, does not set old checkpoints apart from their run.
+    """
+    stored = payload.get("training_config")
+    if not isinstance(stored, str):  # written before checkpoints recorded their settings
+        recorded = payload.get("config_hash")
+        return [] if recorded == training_hash(cfg) else [f"config hash {recorded} -> {training_hash(cfg)}"]
+    try:
+        old = validate(deep_merge(Config().to_dict(), json.loads(stored)), source="the checkpoint's settings")
+    except (ConfigError, ValueError) as exc:
+        return [f"its settings are not valid for this busbench ({str(exc)[:200]})"]
+    return config_differences(training_dict(old), training_dict(cfg))
+
+
+def describe(diffs: list[str], limit: int = 5) -> str:
+    return "; ".join(diffs[:limit]) + (f"; and {len(diffs) - limit} more" if len(diffs) > limit else "")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -166,14 +166,14 @@ def _fold_checkpoints(run_dir: Path, cfg: Config) -> list[tuple[int, Path, dict[
 def _load_models(
     cfg: Config, checkpoints: list[tuple[int, Path, dict[str, Any]]], device: torch.device
 ) -> tuple[list[nn.Module], list[dict[str, Any]]]:
-    expected = ckpt.training_hash(cfg)
     models, meta = [], []
     for fold, path, done in checkpoints:
         payload = ckpt.load_checkpoint(path)
-        if payload.get("config_hash") != expected:
+        diffs = ckpt.setup_differences(payload, cfg)
+        if diffs:
             raise ModelError(
                 f"{path} was trained with another configuration than {path.parent.parent / CONFIG_FILE} "
-                f"(hash {payload.get('config_hash')} vs {expected}); retrain fold {fold} or restore that config.yaml"
+                f"({ckpt.describe(diffs)}); retrain fold {fold} or restore that config.yaml"
             )
         model = build_model(cfg)
         ckpt.load_model_state(model, payload, path)

@@ -96,25 +96,13 @@ class TrainingDiverged(BusbenchError):
 # run directory
 
 
-def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _config_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return diffs
-
-
 def prepare_run_dir(cfg: Config, run_dir: Path, force: bool = False) -> None:
     """Write ``config.yaml`` into ``run_dir``, refusing a directory trained with a different setup."""
     path = run_dir / CONFIG_FILE
     if path.is_file():
         old = config_from_file(path)
         if ckpt.training_hash(old) != ckpt.training_hash(cfg):
-            diffs = _config_diff(ckpt.training_dict(old), ckpt.training_dict(cfg))
-            shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+            shown = ckpt.describe(ckpt.config_differences(ckpt.training_dict(old), ckpt.training_dict(cfg)))
             if not force:
                 raise ConfigError(
                     f"{path} holds results of a different training setup ({shown}). Set a new experiment.name "
@@ -279,6 +267,7 @@ class FoldTrainer:
         self.manifest_hashes = manifest_hashes
         self.dtype = amp_dtype(device, cfg.train.amp)
         self.config_hash = ckpt.training_hash(cfg)
+        self.setup = ckpt.setup_fields(cfg)
 
         loader_api = _data_api()
         t = cfg.train
@@ -342,7 +331,7 @@ class FoldTrainer:
 
     def state(self) -> dict[str, Any]:
         return {
-            "config_hash": self.config_hash,
+            **self.setup,
             "model_name": self.cfg.model.name,
             "fold": self.fold,
             "epoch": self.epoch,
@@ -362,10 +351,11 @@ class FoldTrainer:
 
     def restore(self, path: Path) -> None:
         payload = ckpt.load_checkpoint(path)
-        if payload.get("config_hash") != self.config_hash:
+        diffs = ckpt.setup_differences(payload, self.cfg)
+        if diffs:
             raise ModelError(
-                f"{path} was written by a different training setup (config hash {payload.get('config_hash')} vs "
-                f"{self.config_hash}); rerun with --no-resume to train the fold from scratch"
+                f"{path} was written by a different training setup ({ckpt.describe(diffs)}); rerun with "
+                "--no-resume to train the fold from scratch"
             )
         ckpt.load_model_state(self.model, payload, path)
         self.optimizer.load_state_dict(payload["optimizer"])
@@ -505,7 +495,7 @@ class FoldTrainer:
                 ckpt.save_checkpoint(
                     self.dir / ckpt.BEST,
                     {
-                        "config_hash": self.config_hash,
+                        **self.setup,
                         "model_name": self.cfg.model.name,
                         "fold": self.fold,
                         "epoch": self.epoch,
