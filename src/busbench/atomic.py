@@ -61,7 +61,8 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     removed = []
     for path in sorted(Path(folder).iterdir()):
         match = _TEMPORARY.fullmatch(path.name)
-        if match and Path(match["target"]).suffix == match["suffix"] and path.is_file() and not path.is_symlink():
+        ours = match is not None and Path(match["target"]).suffix == match["suffix"]
+        if ours and path.is_file() and not path.is_symlink():
             path.unlink()
             removed.append(path)
     return removed

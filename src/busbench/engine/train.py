@@ -59,7 +59,7 @@ from tqdm import tqdm
 import busbench
 import busbench.engine.distributed as distributed
 import busbench.engine.finetune as finetune
-from busbench.atomic import atomic_write_text
+from busbench.atomic import atomic_write_text, remove_stale_temporaries
 from busbench.config import Config, config_from_file, load_config, save_config
 from busbench.engine import checkpoint as ckpt
 from busbench.engine.inference import amp_dtype, autocast, predict, resolve_device
@@ -411,10 +411,16 @@ class FoldTrainer:
         bar.close()
         mean_loss = float(distributed.mean_across_ranks(loss_sum)) / max(1, n_batches)
         if not math.isfinite(mean_loss):
+            kept = (
+                f"{self.dir / ckpt.LAST} keeps the last good epoch ({self.epoch})"
+                if self.epoch
+                else "no epoch had finished, so nothing was saved"
+            )
+            # a changed train.* key is a new training setup: the run folder takes it only with --force
             raise TrainingDiverged(
                 f"fold {self.fold}: the training loss became {mean_loss} during epoch {self.epoch + 1}; stopped. "
-                f"{self.dir / ckpt.LAST} keeps the last good epoch ({self.epoch}). Lower train.lr, set "
-                "train.grad_clip, or use train.amp=none, then rerun with --no-resume"
+                f"{kept}. Lower train.lr, set train.grad_clip or use train.amp=none, then train again under a new "
+                "experiment.name (or add --force to replace this run)"
             )
         return mean_loss
 
@@ -566,8 +572,11 @@ def _train_fold_locked(
     if resume and done.is_file():
         LOG.info("fold %d is done (%s); skipping it. Use --no-resume to train it again", fold, done)
         return fold_dir
-    if not resume and distributed.context().is_main:
-        _clear_fold(fold_dir)
+    if distributed.context().is_main:
+        if not resume:
+            _clear_fold(fold_dir)
+        for stale in remove_stale_temporaries(fold_dir):
+            LOG.info("removed %s, half-written by a run that was killed", stale)
     distributed.barrier()  # the other ranks look at the fold folder only after rank 0 has tidied it
 
     trainer = FoldTrainer(cfg, fold, fold_dir, device, manifest_hashes)
