@@ -122,6 +122,7 @@ class TrainConfig(_Section):
     strategy: Literal["standard", "adversarial_ds"] = "standard"
     adv_weight: float = Field(0.05, ge=0.0)
     adv_condition_on_image: bool = True
+    adv_disc_width: int = Field(64, ge=1)
     init_from: str | None = None
     freeze_encoder: bool = False
 

@@ -39,7 +39,8 @@ from busbench.atomic import atomic_write_text
 from busbench.config import Config, config_from_file, deep_merge, parse_override, validate
 from busbench.data.geometry import restore
 from busbench.engine import checkpoint as ckpt
-from busbench.engine.inference import amp_dtype, predict, resolve_device
+from busbench.engine import tasks
+from busbench.engine.inference import amp_dtype, resolve_device
 from busbench.engine.runlog import LOG, ensure_console_logging
 from busbench.engine.train import CONFIG_FILE, DONE_FILE, build_model, sample_table
 from busbench.errors import ConfigError, DataError, ModelError
@@ -111,7 +112,15 @@ SCORE_COLUMNS = (
     "normal_fp_rate",
 )
 # Settings that may differ at test time from training: how to score, where the data is, which device.
-TEST_TIME_KEYS = ("eval.", "data.data_root", "data.num_workers", "data.cache", "train.device", "output.")
+TEST_TIME_KEYS = (
+    "eval.",
+    "data.data_root",
+    "data.num_workers",
+    "data.cache",
+    "train.device",
+    "output.",
+    "task.refine",
+)
 _FLUSH_IMAGES = 256  # images buffered per source before their metrics are computed
 
 
@@ -129,8 +138,8 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config
     bad = [o for o in overrides if not o.split("=", 1)[0].strip().startswith(TEST_TIME_KEYS)]
     if bad:
         raise ConfigError(
-            f"--set {' '.join(bad)}: only eval.*, output.*, data.data_root, data.num_workers, data.cache and "
-            "train.device can change at test time; anything else needs a new training run"
+            f"--set {' '.join(bad)}: only eval.*, output.*, data.data_root, data.num_workers, data.cache, "
+            "train.device and task.refine can change at test time; anything else needs a new training run"
         )
     merged = cfg.to_dict()
     for item in overrides:
@@ -251,30 +260,43 @@ def _score_dataset(
     )
     e = cfg.eval
     dtype = amp_dtype(device, cfg.train.amp)
+    task = tasks.build_task(cfg)
     scorers = [_Scorer(cfg) for _ in range(len(models) + 1)]
+    extras: list[list[dict[str, Any]]] = [[] for _ in scorers]  # task-specific columns (per-class, labels)
     indices: list[int] = []
     for batch in tqdm(dl, disable=None, leave=False, desc=f"test {key}"):
-        probs = predict(
+        predicted = task.predict(
             models, batch["image"], device, dtype, tta=e.tta, channels_last=cfg.train.channels_last
         )
-        probs = torch.cat([probs, probs.mean(dim=0, keepdim=True)]).numpy()  # (n_models + 1, B, S, S)
+        # the ensemble averages every probability (lesion, pixel classes, image classes) before post-processing
+        predicted = task.finalize(predicted.with_ensemble(), e.threshold)
+        probs = predicted.lesion.numpy()  # (n_models + 1, B, S, S)
         index = batch["index"].tolist()
         indices += index
         gt_net = batch["mask"][:, 0].numpy() >= 0.5
+        gt_classes = batch["class_map"].numpy().astype(np.uint8)
         for j, i in enumerate(index):
             if e.resolution == "original":
                 geometry = ds.letterbox_info(i)
                 gt = ds.original_mask(i)
+                gt_cls = tasks.original_class_map(ds, i) if task.needs_class_map else None
+
+                def back(a: np.ndarray, geometry=geometry, shape=gt.shape) -> np.ndarray:
+                    return restore(a, geometry, shape)
+
                 for s, scorer in enumerate(scorers):
-                    scorer.add(restore(probs[s, j], geometry, gt.shape) >= e.threshold, gt)
+                    scorer.add(back(probs[s, j]) >= e.threshold, gt)
+                    extras[s].append(task.image_columns(predicted, s, j, e.threshold, gt_cls, back))
             else:
                 for s, scorer in enumerate(scorers):
                     scorer.add(probs[s, j] >= e.threshold, gt_net[j])
+                    extras[s].append(task.image_columns(predicted, s, j, e.threshold, gt_classes[j]))
     ids = sample_table(ds, indices)
     tables = []
-    for scorer in scorers:
+    for scorer, extra in zip(scorers, extras, strict=True):
         scorer.flush()
-        tables.append(pd.concat([ids, pd.DataFrame(scorer.rows)], axis=1)[list(PER_IMAGE_COLUMNS)])
+        table = pd.concat([ids, pd.DataFrame(scorer.rows)], axis=1)[list(PER_IMAGE_COLUMNS)]
+        tables.append(pd.concat([table, pd.DataFrame(extra, index=table.index)], axis=1))
     return tables, manifest
 
 
@@ -299,6 +321,7 @@ def _summary_rows(
         "manifest_sha256": manifest,
         "config_hash": ckpt.training_hash(cfg),
     }
+    task = tasks.build_task(cfg)
     rows = []
     for table, m in zip(tables[:-1], meta, strict=True):
         s = summarize(table)
@@ -308,6 +331,7 @@ def _summary_rows(
                 "fold": str(m["fold"]),
                 "n_test": s["n_images"],
                 **s,
+                **task.summary_scores(table),
                 "params_m": params_m,
                 "gmacs": gmacs,
                 "best_epoch": m["best_epoch"],
@@ -316,7 +340,7 @@ def _summary_rows(
             }
         )
     folds = pd.DataFrame(rows)
-    numeric = [*SCORE_COLUMNS, "best_epoch", "best_val_dice", "train_seconds"]
+    numeric = [*SCORE_COLUMNS, *task.summary_columns, "best_epoch", "best_val_dice", "train_seconds"]
     mean = {
         **common,
         "fold": "mean",
@@ -339,6 +363,7 @@ def _summary_rows(
         "fold": "ensemble",
         "n_test": s["n_images"],
         **s,
+        **task.summary_scores(tables[-1]),
         "params_m": params_m * len(meta),
         "gmacs": gmacs * len(meta),
         "train_seconds": float(folds["train_seconds"].astype(float).sum()),
@@ -384,7 +409,15 @@ def _evaluate_locked(run_dir: Path, cfg: Config) -> Path:
     for name, frames in zip(names, per_source, strict=True):
         df = pd.concat(frames, ignore_index=True)
         atomic_write_text(test_dir / f"{name}_per_image.csv", df.to_csv(index=False, lineterminator="\n"))
-    summary = pd.DataFrame(summary_rows).reindex(columns=list(SUMMARY_COLUMNS))
+    task = tasks.build_task(cfg)
+    task.write_reports(
+        test_dir,
+        {
+            name: dict(zip(cfg.data.datasets, frames, strict=True))
+            for name, frames in zip(names, per_source, strict=True)
+        },
+    )
+    summary = pd.DataFrame(summary_rows).reindex(columns=[*SUMMARY_COLUMNS, *task.summary_columns])
     path = run_dir / "summary.csv"
     atomic_write_text(path, summary.to_csv(index=False, lineterminator="\n"))
     return path

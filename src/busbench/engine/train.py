@@ -62,7 +62,8 @@ import busbench.engine.finetune as finetune
 from busbench.atomic import atomic_write_text, remove_stale_temporaries
 from busbench.config import Config, config_from_file, load_config, save_config
 from busbench.engine import checkpoint as ckpt
-from busbench.engine.inference import amp_dtype, autocast, predict, resolve_device
+from busbench.engine import tasks
+from busbench.engine.inference import amp_dtype, autocast, resolve_device
 from busbench.engine.losses import build_loss
 from busbench.engine.runlog import (
     LOG,
@@ -78,7 +79,6 @@ from busbench.engine.seeding import rng_state, seed_everything, set_rng_state
 from busbench.errors import BusbenchError, ConfigError, ModelError
 from busbench.locking import LOCK_NAME, locked
 from busbench.metrics import per_image_batch, summarize
-from busbench.models import create_model
 
 CONFIG_FILE = "config.yaml"
 DONE_FILE = "done.json"
@@ -244,14 +244,9 @@ class Schedule:
 
 
 def build_model(cfg: Config) -> nn.Module:
-    """The configured network; ModelError for an unknown name, bad params or an input size it cannot take."""
-    return create_model(
-        cfg.model.name,
-        in_channels=cfg.data.channels,
-        num_classes=1,
-        image_size=cfg.data.image_size,
-        **cfg.model.params,
-    )
+    """The configured network, shaped for ``task.mode`` (:mod:`busbench.engine.tasks`); ModelError for an unknown
+    name, bad params or an input size it cannot take."""
+    return tasks.build_model(cfg)
 
 
 class FoldTrainer:
@@ -268,6 +263,7 @@ class FoldTrainer:
         self.dtype = amp_dtype(device, cfg.train.amp)
         self.config_hash = ckpt.training_hash(cfg)
         self.setup = ckpt.setup_fields(cfg)
+        self.task = tasks.build_task(cfg)
 
         loader_api = _data_api()
         t = cfg.train
@@ -284,6 +280,7 @@ class FoldTrainer:
         self.model = distributed.prepare_model(self.model, device)
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        epoch_items = self.task.train_indices(self.train_ds)  # task.oversample: repeated training items
         self.train_loader = loader_api.make_loader(
             self.train_ds,
             t.batch_size,
@@ -291,6 +288,9 @@ class FoldTrainer:
             seed=t.seed,
             num_workers=cfg.data.num_workers,
             drop_last=len(self.train_ds) >= t.batch_size,
+            sampler=None
+            if epoch_items is None
+            else loader_api.EpochSampler(len(self.train_ds), True, t.seed, indices=epoch_items),
         )
         self.val_loader = loader_api.make_loader(
             self.val_ds,
@@ -302,14 +302,15 @@ class FoldTrainer:
         self.dist = distributed.context()
         if self.dist.active:  # this process's share of every batch (busbench.engine.distributed)
             self.train_loader = distributed.train_loader(
-                self.dist, self.train_ds, t.batch_size, t.seed, cfg.data.num_workers
+                self.dist, self.train_ds, t.batch_size, t.seed, cfg.data.num_workers, indices=epoch_items
             )
             self.val_loader = distributed.eval_loader(
                 self.dist, self.val_ds, cfg.eval.batch_size, t.seed, cfg.data.num_workers
             )
         self.steps_per_epoch = max(1, math.ceil(len(self.train_loader) / t.accumulate))
-        self.criterion = build_loss(t)
+        self.criterion = self.task.criterion(build_loss)
         self.optimizer = build_optimizer(cfg, self.model)
+        self.strategy = tasks.build_strategy(cfg, self.model, self.optimizer, device)
         self.schedule = Schedule(cfg, self.optimizer, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.epoch = 0  # finished epochs
@@ -347,6 +348,7 @@ class FoldTrainer:
             "stop_reason": self.stop_reason,
             "train_seconds": self.train_seconds,
             "history": self.history,
+            **({"strategy": self.strategy.state_dict()} if self.strategy is not None else {}),
         }
 
     def restore(self, path: Path) -> None:
@@ -361,6 +363,8 @@ class FoldTrainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         self.schedule.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
+        if self.strategy is not None:
+            self.strategy.load_state_dict(payload.get("strategy"), path)
         set_rng_state(payload["rng"], self.train_loader.generator)
         self.epoch = self.saved_epoch = int(payload["epoch"])
         self.best_dice = float(payload["best_dice"])
@@ -395,9 +399,13 @@ class FoldTrainer:
             y = batch["mask"].to(self.device, non_blocking=True)
             if t.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            if self.strategy is not None:  # its own generator and discriminator updates
+                loss_sum += self.strategy.step(self.forward, x, y, self.device, self.dtype)
+                self.schedule.step()
+                continue
             with autocast(self.device, self.dtype):
-                out = self.forward(x)
-            loss = self.criterion(out, y)
+                out = self.task.outputs(self.forward, x, y)
+            loss = self.task.loss(self.criterion, out, batch, y)
             self.scaler.scale(loss / t.accumulate).backward()
             loss_sum += loss.detach()
             if (i + 1) % t.accumulate == 0 or i + 1 == n_batches:
@@ -430,18 +438,20 @@ class FoldTrainer:
         e = self.cfg.eval
         tables, overlays = [], []
         for batch in self.val_loader:
-            probs = predict(
+            predicted = self.task.predict(
                 [distributed.unwrap(self.forward)],
                 batch["image"],
                 self.device,
                 self.dtype,
                 channels_last=self.cfg.train.channels_last,
-            )[0]
-            pred = (probs >= e.threshold).numpy()
+            )
+            predicted = self.task.finalize(predicted, e.threshold)  # the same masks the test scores
+            pred = (predicted.lesion[0] >= e.threshold).numpy()
             gt = batch["mask"][:, 0].numpy() >= 0.5
             scores = pd.DataFrame(per_image_batch(pred, gt, hd95_mode=e.hd95_mode, workers=e.workers))
+            extra = self.task.batch_columns(predicted, 0, batch, e.threshold)
             index = batch["index"].tolist()
-            tables.append(pd.concat([sample_table(self.val_ds, index), scores], axis=1))
+            tables.append(pd.concat([sample_table(self.val_ds, index), scores, extra], axis=1))
             for j in range(len(index)):
                 if len(overlays) < self.cfg.output.overlays:
                     overlays.append(overlay(batch["image"][j].numpy().mean(axis=0), gt[j], pred[j]))
@@ -697,7 +707,7 @@ def train(
         raise ConfigError(f"fold(s) {bad} do not exist: data.folds={k}, so --fold must be in 0..{k - 1}")
     # Built once before anything is written, so an unknown model, a wrong parameter or an image size the model
     # cannot take fails without leaving a run folder behind; each fold builds its own, freshly seeded, copy.
-    build_model(cfg)
+    tasks.build_task(cfg).check_model(build_model(cfg))
     device = resolve_device(cfg.train.device)
     distributed.check_config(cfg)
     dist_ctx = distributed.setup(device)  # torchrun: join the process group (no-op in one process)
