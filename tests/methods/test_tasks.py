@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,8 @@ from busbench.errors import ConfigError
 from busbench.methods.multiclass import CLASS_NAMES, predicted_classes
 from busbench.metrics import per_class
 from busbench.models.base import SegModel
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def cfg_with(*sets: str):
@@ -152,3 +155,26 @@ def test_models_a_method_cannot_train_fail_before_anything_is_written(tmp_path, 
     with pytest.raises(ConfigError, match=message):
         train(cfg)
     assert not (tmp_path / "results").exists()
+
+
+METHOD_CONFIGS = {
+    "uclm_unet_3class.yaml": ("multiclass", "standard"),
+    "curated_busi_multitask.yaml": ("multitask", "standard"),
+    "usseg_deep_supervision.yaml": ("binary", "adversarial_ds"),
+    "cheng_unet_busi.yaml": ("binary", "standard"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(METHOD_CONFIGS))
+def test_shipped_method_configs_build_their_models(monkeypatch, name) -> None:
+    """Each method config's network is built at full size and passes its task's checks (one forward at most)."""
+    monkeypatch.delenv("BUSBENCH_CONFIGS", raising=False)
+    cfg = load_config(REPO / "configs" / "experiments" / name)
+    assert (cfg.task.mode, cfg.train.strategy) == METHOD_CONFIGS[name]
+    task = tasks.build_task(cfg)
+    model = task.build_model()
+    task.check_model(model)
+    if name == "cheng_unet_busi.yaml":
+        rates = [stage.rate for stage in [*model.encoder, model.bottleneck]]
+        assert rates == [0.1, 0.1, 0.2, 0.2, 0.2] and model.bottleneck_channels == 512

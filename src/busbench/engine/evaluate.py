@@ -16,6 +16,12 @@ Outputs, under the run directory:
 * ``summary.csv``: per test dataset, one row per fold model, ``mean`` and ``std`` rows over the fold models
   (sample standard deviation, ddof=1) and one ``ensemble`` row; columns listed in :data:`SUMMARY_COLUMNS`.
 
+``task.mode`` adds columns after these (:mod:`busbench.engine.tasks`): multiclass runs score the lesion mask
+``1 - p(background) >= eval.threshold`` with the binary metrics and add per-class Dice, IoU and HD95 of each lesion
+class (per image and in the summary); multitask runs add the predicted label and class probabilities per image,
+accuracy, macro F1 and per-class recall to the summary, and ``test/classification.json`` (confusion matrices). The
+ensemble averages every probability (lesion, pixel classes, image classes) before thresholding and refinement.
+
 Every fold of ``data.folds`` must be trained to completion: a missing or unfinished fold is an error naming it,
 never a silently smaller average. The manifest must be the one the folds were trained on (its hash is checked
 against each fold's ``run.json``), so a re-prepared split cannot leak training images into the test.

@@ -36,6 +36,11 @@ Behaviour worth knowing:
   the command exits with status 130, and rerunning it resumes after that epoch. A partial epoch is never saved:
   resuming from the middle of an epoch could not reproduce the uninterrupted run.
 * Two processes never train the same fold: each fold folder is locked while it trains (``busbench.locking``).
+* ``task.mode`` (binary, multiclass, multitask) and ``train.strategy`` (standard, adversarial_ds) change the network's
+  outputs, the loss and the updates (:mod:`busbench.engine.tasks`); ``checkpoint_last.pt`` then also holds the
+  discriminators and their optimiser. The best checkpoint is chosen by the binary lesion Dice of the validation
+  fold in every mode (multi-class: lesion = 1 - p(background); multitask: after refinement), so every method is
+  selected by the same rule; ``val_per_image.csv`` carries the mode's extra columns.
 """
 
 from __future__ import annotations
