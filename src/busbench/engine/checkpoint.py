@@ -116,13 +116,22 @@ def unwrap(model: nn.Module) -> nn.Module:
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Write ``payload`` plus version fields to ``path`` in one atomic rename.
 
-    The bytes go through a Python file object: a full disk then raises ``OSError(ENOSPC)``, which ``atomic_path``
+    The bytes go through a Python file object, so that a full disk raises ``OSError(ENOSPC)``, which ``atomic_path``
     reports as one clear error. Given a file name, torch's own writer turns it into an opaque ``RuntimeError`` and
     keeps the half-written file open (its space unreleased) while the error propagates.
     """
     full = {"format": CHECKPOINT_FORMAT, "busbench_version": busbench.__version__, **payload}
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        torch.save(full, fh)
+        try:
+            torch.save(full, fh)
+        except RuntimeError as exc:
+            # torch's zip writer, closing after a failed write, replaces that write's OSError with its own error
+            context = exc.__context__
+            while context is not None and not isinstance(context, OSError):
+                context = context.__context__
+            if context is None:
+                raise
+            raise context from None
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
