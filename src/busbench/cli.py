@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "evaluate fold models and their ensemble on the held-out test split",
     ),
     "aggregate": ("busbench.report.aggregate", "gather run summaries into a leaderboard"),
+    "transfer": ("busbench.report.transfer", "cross-dataset transfer matrix of tested runs"),
     "compare": ("busbench.report.stats", "paired statistics between models on the same test images"),
     "plot": (
         "busbench.report.plots",

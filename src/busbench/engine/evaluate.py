@@ -53,6 +53,7 @@ from busbench.errors import ConfigError, DataError, ModelError
 from busbench.locking import locked
 from busbench.metrics import per_image_batch, summarize
 from busbench.models.cost import count_macs, count_params
+from busbench.report import transfer
 
 PER_IMAGE_COLUMNS = (
     "sample_id",
@@ -377,16 +378,27 @@ def _summary_rows(
     return [*rows, mean, std, ensemble]
 
 
-def evaluate_run(run_dir: Path, overrides: list[str] | None = None) -> Path:
-    """Evaluate a trained run on its test split(s); writes ``test/*_per_image.csv`` and returns ``summary.csv``."""
+def evaluate_run(run_dir: Path, overrides: list[str] | None = None, dataset: str | None = None) -> Path:
+    """Evaluate a trained run on its test split(s); writes ``test/*_per_image.csv`` and returns ``summary.csv``.
+
+    ``dataset`` (cross-dataset transfer) scores the fold models and their ensemble on that dataset's held-out test
+    split instead, with the run's own preprocessing; everything goes to ``test_on_<dataset>/`` (the per-image files
+    and ``summary.csv``, same names and columns) and the run's own files are left alone. Test images the run trained
+    on through a dataset sharing them (BUSI and Curated BUSI) are left out and listed in ``excluded.csv``.
+    """
     ensure_console_logging()
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, overrides)
+    if dataset is not None:
+        transfer.check_target(cfg, dataset)
     with locked(run_dir, wait=30.0):
-        return _evaluate_locked(run_dir, cfg)
+        return _evaluate_locked(run_dir, cfg, dataset)
 
 
-def _evaluate_locked(run_dir: Path, cfg: Config) -> Path:
+def _evaluate_locked(run_dir: Path, cfg: Config, dataset: str | None = None) -> Path:
+    keys = list(cfg.data.datasets) if dataset is None else [dataset]
+    out_dir = run_dir if dataset is None else transfer.transfer_dir(run_dir, dataset)
+    seen = set() if dataset is None else transfer.seen_sample_ids(cfg, dataset)
     checkpoints = _fold_checkpoints(run_dir, cfg)
     trained_on = _trained_manifests(run_dir, [k for k, _, _ in checkpoints])
     device = resolve_device(cfg.train.device)
@@ -397,7 +409,7 @@ def _evaluate_locked(run_dir: Path, cfg: Config) -> Path:
 
     per_source: list[list[pd.DataFrame]] = [[] for _ in range(len(models) + 1)]
     summary_rows = []
-    for key in cfg.data.datasets:
+    for key in keys:
         LOG.info(
             "testing %d fold models of %s and their ensemble on the %s test split (%s resolution)",
             len(models),
@@ -406,11 +418,21 @@ def _evaluate_locked(run_dir: Path, cfg: Config) -> Path:
             cfg.eval.resolution,
         )
         tables, manifest = _score_dataset(cfg, key, models, device, trained_on.get(key))
+        if seen:
+            LOG.warning(
+                "leaving out %d %s test image(s) the run trained on (see excluded.csv)", len(seen), key
+            )
+            tables = [t[~t["sample_id"].astype(str).isin(seen)].reset_index(drop=True) for t in tables]
         for s, table in enumerate(tables):
             per_source[s].append(table)
         summary_rows += _summary_rows(cfg, key, tables, meta, cost, manifest)
 
-    test_dir = run_dir / "test"
+    test_dir = run_dir / "test" if dataset is None else out_dir
+    if seen:
+        excluded = pd.DataFrame(
+            {"sample_id": sorted(seen), "reason": "in the development split the run trained on"}
+        )
+        atomic_write_text(out_dir / "excluded.csv", excluded.to_csv(index=False, lineterminator="\n"))
     names = [f"fold{m['fold']}" for m in meta] + ["ensemble"]
     for name, frames in zip(names, per_source, strict=True):
         df = pd.concat(frames, ignore_index=True)
@@ -418,13 +440,10 @@ def _evaluate_locked(run_dir: Path, cfg: Config) -> Path:
     task = tasks.build_task(cfg)
     task.write_reports(
         test_dir,
-        {
-            name: dict(zip(cfg.data.datasets, frames, strict=True))
-            for name, frames in zip(names, per_source, strict=True)
-        },
+        {name: dict(zip(keys, frames, strict=True)) for name, frames in zip(names, per_source, strict=True)},
     )
     summary = pd.DataFrame(summary_rows).reindex(columns=[*SUMMARY_COLUMNS, *task.summary_columns])
-    path = run_dir / "summary.csv"
+    path = out_dir / "summary.csv"
     atomic_write_text(path, summary.to_csv(index=False, lineterminator="\n"))
     return path
 
@@ -444,12 +463,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="test-time overrides, e.g. --set eval.resolution=original eval.tta=true",
     )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        metavar="KEY",
+        help="score on another dataset's held-out test split (cross-dataset transfer); "
+        "results go to DIR/test_on_KEY/",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    path = evaluate_run(args.run, args.set)
+    path = evaluate_run(args.run, args.set, dataset=args.dataset)
     summary = pd.read_csv(path, dtype={"fold": str})
     shown = summary[["dataset", "fold", "n_test", "dice", "iou", "hd95", "hd95_penalised", "normal_fp_rate"]]
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(f"wrote {path} and {path.parent / 'test'}/")
+    print(f"wrote {path} and {path.parent if args.dataset else path.parent / 'test'}/")
     return 0
