@@ -71,7 +71,8 @@ def snapshot(root: Path) -> dict[bytes, str]:
     """Every entry below ``root`` (relative bytes path -> content hash, "dir" or the link target); links not followed.
 
     Bytes paths, so that file names that are not UTF-8 are compared too. Hidden temporary files and folders
-    show up like any other entry.
+    show up like any other entry; only run-folder lock files are left out (a command that refuses still takes the
+    lock first, and the kernel lock leaves an empty ``.lock`` file behind by design).
     """
     base = os.fsencode(root)
     found: dict[bytes, str] = {}
@@ -79,6 +80,8 @@ def snapshot(root: Path) -> dict[bytes, str]:
         return found
     for dirpath, dirnames, filenames in os.walk(base):
         for name in sorted(dirnames + filenames):
+            if name == b".lock":
+                continue
             path = os.path.join(dirpath, name)
             rel = os.path.relpath(path, base)
             if os.path.islink(path):
