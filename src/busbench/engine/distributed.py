@@ -291,7 +291,6 @@ def train_loader(
     ``indices`` lists an epoch's items when they are not ``range(len(dataset))`` (oversampling).
     """
     b = per_rank_batch(global_batch, ctx.world_size)
-    n_epoch = len(dataset) if indices is None else len(indices)  # type: ignore[arg-type]
     sampler = ShardedEpochSampler(
         len(dataset),  # type: ignore[arg-type]
         shuffle=True,
@@ -299,7 +298,7 @@ def train_loader(
         batch_size=b,
         rank=ctx.rank,
         world_size=ctx.world_size,
-        drop_last=n_epoch >= global_batch,
+        drop_last=len(dataset) >= global_batch,  # type: ignore[arg-type]  # the single-process rule
         indices=indices,
     )
     return make_loader(dataset, b, shuffle=True, seed=seed, num_workers=num_workers, sampler=sampler)

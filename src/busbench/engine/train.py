@@ -41,6 +41,11 @@ Behaviour worth knowing:
   discriminators and their optimiser. The best checkpoint is chosen by the binary lesion Dice of the validation
   fold in every mode (multi-class: lesion = 1 - p(background); multitask: after refinement), so every method is
   selected by the same rule; ``val_per_image.csv`` carries the mode's extra columns.
+* ``train.init_from`` starts each fold from another run's weights and ``train.freeze_encoder`` keeps
+  ``model.encoder_modules()`` fixed (:mod:`busbench.engine.finetune`).
+* ``torchrun --nproc_per_node N -m busbench train ...`` trains with N processes (DistributedDataParallel):
+  ``train.batch_size`` stays the global batch, rank 0 writes every file, and runs and checkpoints are those of the
+  single-process command (:mod:`busbench.engine.distributed`).
 """
 
 from __future__ import annotations
