@@ -103,12 +103,16 @@ def transfer_heatmap(transfer_csv: Path, out: Path, metric: str = "dice") -> Pat
     df = pd.read_csv(transfer_csv)
     if not {"train_dataset", "test_dataset", metric} <= set(df.columns):
         raise DataError(f"{transfer_csv} needs columns train_dataset, test_dataset, {metric}")
+    if "source" in df.columns and (df["source"] == "ensemble").any():
+        df = df[df["source"] == "ensemble"]  # never mix ensemble scores with fold means
+    models = sorted(df["model"].unique()) if "model" in df.columns else []
     matrix = df.pivot_table(index="train_dataset", columns="test_dataset", values=metric, aggfunc="mean")
     fig, ax = plt.subplots(figsize=(1.2 * matrix.shape[1] + 2.5, 1.0 * matrix.shape[0] + 1.8))
     image = ax.imshow(matrix.to_numpy(), vmin=0, vmax=1, cmap="viridis")
     ax.set_xticks(range(matrix.shape[1]), matrix.columns, rotation=30, ha="right")
     ax.set_yticks(range(matrix.shape[0]), matrix.index)
-    ax.set(xlabel="test dataset", ylabel="training dataset", title=f"transfer {metric}")
+    which = models[0] if len(models) == 1 else f"mean over {len(models)} models" if models else ""
+    ax.set(xlabel="test dataset", ylabel="training dataset", title=f"transfer {metric} {which}".strip())
     for (i, j), v in np.ndenumerate(matrix.to_numpy()):
         if np.isfinite(v):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=9)
