@@ -56,7 +56,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
-    """The full parser; only ``selected``'s module is imported to add its arguments (all when None)."""
+    """The parser; only ``selected``'s module is imported to add its arguments (none for the top-level help)."""
     parser = _Parser(
         prog="busbench", description="busbench: a benchmark for breast-ultrasound lesion segmentation"
     )
@@ -68,7 +68,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
         if not _available(module):
             continue
         cmd = sub.add_parser(name, help=help_text, description=help_text)
-        if selected is None or selected == name:
+        if selected == name:
             importlib.import_module(module).add_arguments(cmd)
         cmd.set_defaults(_module=module)
         parser.get_default("_commands")[name] = cmd

@@ -92,3 +92,12 @@ def test_killed_holder_leaves_no_stale_lock(tmp_path: Path):
     proc.wait()
     with locked(tmp_path):
         pass
+
+
+def test_atomic_files_get_ordinary_permissions(tmp_path: Path):
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "shared.csv", "a\n")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "shared.csv").stat().st_mode & 0o777 == 0o644
