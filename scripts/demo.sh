@@ -11,6 +11,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DATA="${DEMO_DATA:-data/demo}"
 RESULTS="${DEMO_RESULTS:-results}"
 N="${DEMO_N:-100}"
+if [[ -z "${VIRTUAL_ENV:-}" && -z "${CONDA_PREFIX:-}" && -f .venv/bin/activate ]]; then
+    # scripts/setup.sh installs into ./.venv when no environment was active
+    # shellcheck disable=SC1091
+    . .venv/bin/activate
+fi
 if command -v busbench >/dev/null 2>&1; then
     BB=(busbench)
 else
