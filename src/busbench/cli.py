@@ -33,10 +33,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "busbench.report.plots",
         "figures: learning curves, Dice distributions, overlays, transfer heatmap",
     ),
-    "sweep": (
-        "busbench.engine.sweep",
-        "plan or write cluster array jobs for a models x datasets x folds sweep",
-    ),
     "models": ("busbench.models.table", "table of registered models with parameters and GMACs"),
 }
 

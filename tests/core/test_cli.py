@@ -59,3 +59,14 @@ def test_console_script_and_module_entry_point():
         [sys.executable, "-m", "busbench", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith("busbench ")
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_listed_command_has_a_working_module(command):
+    """A command in COMMANDS whose module is missing would vanish from --help silently; each one must exist."""
+    import importlib
+
+    module = COMMANDS[command][0]
+    assert _available(module), f"busbench {command}: module {module} does not exist"
+    loaded = importlib.import_module(module)
+    assert callable(loaded.add_arguments) and callable(loaded.run)
