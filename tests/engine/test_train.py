@@ -20,10 +20,10 @@ from engine_testdata import tiny_config
 from busbench.config import config_from_file
 from busbench.engine import checkpoint as ckpt
 from busbench.engine import train as train_mod
-from busbench.engine.losses import LOSS_NAMES, build_criterion, build_loss, deep_supervision_weights
 from busbench.engine.seeding import rng_state, set_rng_state
 from busbench.engine.train import Schedule, TrainingDiverged, lr_factor, train
 from busbench.errors import BusbenchError, ConfigError, DataError, ModelError
+from busbench.losses import LOSS_NAMES, build_criterion, build_loss, deep_supervision_weights
 from busbench.models import create_model
 
 

@@ -11,8 +11,8 @@ from monai.losses import DiceLoss as MonaiDiceLoss
 from PIL import Image
 from torch.nn import functional as F
 
-from busbench.engine.losses import deep_supervision_weights
 from busbench.errors import DataError, ModelError
+from busbench.losses import deep_supervision_weights
 from busbench.methods.multiclass import (
     CLASS_NAMES,
     LABEL_TO_CLASS,

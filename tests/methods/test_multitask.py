@@ -11,8 +11,8 @@ from monai.losses import FocalLoss as MonaiFocalLoss
 from torch import nn
 from torch.nn import functional as F
 
-from busbench.engine.losses import build_criterion
 from busbench.errors import ModelError
+from busbench.losses import build_criterion
 from busbench.methods.multitask import (
     ClassificationHead,
     MultiTaskLoss,

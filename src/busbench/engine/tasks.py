@@ -47,8 +47,8 @@ from busbench.atomic import atomic_write_text
 from busbench.config import Config
 from busbench.engine.checkpoint import unwrap
 from busbench.engine.inference import autocast, predict
-from busbench.engine.losses import build_loss
 from busbench.errors import ConfigError, ModelError
+from busbench.losses import build_loss
 from busbench.methods.adversarial import STAGE_WEIGHTS, AdversarialDeepSupervision
 from busbench.methods.multiclass import CLASS_NAMES, NUM_CLASSES, MulticlassLoss
 from busbench.methods.multitask import (

@@ -74,7 +74,6 @@ from busbench.config import Config, config_from_file, load_config, save_config
 from busbench.engine import checkpoint as ckpt
 from busbench.engine import tasks
 from busbench.engine.inference import amp_dtype, autocast, resolve_device
-from busbench.engine.losses import build_loss
 from busbench.engine.runlog import (
     LOG,
     RunRecord,
@@ -88,6 +87,7 @@ from busbench.engine.runlog import (
 from busbench.engine.seeding import rng_state, seed_everything, set_rng_state
 from busbench.errors import BusbenchError, ConfigError, ModelError
 from busbench.locking import LOCK_NAME, locked
+from busbench.losses import build_loss
 from busbench.metrics import per_image_batch, summarize
 
 CONFIG_FILE = "config.yaml"
@@ -526,6 +526,8 @@ class FoldTrainer:
                         "fold": self.fold,
                         "epoch": self.epoch,
                         "best_dice": self.best_dice,
+                        # the threshold the validation Dice (selection, early stopping) was computed at
+                        "selection_threshold": float(self.cfg.eval.threshold),
                         "model": ckpt.unwrap(self.model).state_dict(),
                     },
                 )

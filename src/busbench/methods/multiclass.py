@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from busbench.engine.losses import deep_supervision_weights
 from busbench.errors import DataError, ModelError
+from busbench.losses import deep_supervision_weights
 
 CLASS_NAMES = ("background", "benign", "malignant")
 NUM_CLASSES = len(CLASS_NAMES)
@@ -105,7 +105,7 @@ def multiclass_loss(logits: Tensor, target: Tensor, ce_weight: float = 0.5) -> T
 class MulticlassLoss(nn.Module):
     """:func:`multiclass_loss` on one output or on a deep-supervision list ``[main, aux_1, ...]``.
 
-    Deep-supervision outputs are weighted as in :mod:`busbench.engine.losses` (``ds_weights`` main first, or the
+    Deep-supervision outputs are weighted as in :mod:`busbench.losses` (``ds_weights`` main first, or the
     default main 1 + auxiliaries sharing 1), so a multi-class run weights its outputs like a binary one.
     """
 

@@ -31,8 +31,8 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_s
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from busbench.engine.losses import SegmentationLoss, build_criterion
 from busbench.errors import ModelError
+from busbench.losses import SegmentationLoss, build_criterion
 from busbench.models.base import SegModel
 
 CLASS_LABELS = ("normal", "benign", "malignant")
@@ -175,7 +175,7 @@ class MultiTaskLoss(nn.Module):
 
     The Dice term is segmentation_models_pytorch's binary soft Dice over the whole batch (defined on batches of
     normal images with empty masks) and accepts deep-supervision lists, weighted as in
-    :mod:`busbench.engine.losses`. ``forward`` returns the total; ``last_parts`` holds the two terms of the latest
+    :mod:`busbench.losses`. ``forward`` returns the total; ``last_parts`` holds the two terms of the latest
     call as floats, for logging.
     """
 
