@@ -26,6 +26,7 @@ SMALL: dict[str, tuple[int, dict]] = {
     "skunet": (32, {"base_width": 4}),
     "unetpp": (64, {"encoder": "tu-test_resnet", "decoder_widths": (8, 8, 16, 32)}),
     "unext": (32, {"widths": (4, 8, 16, 24, 32)}),
+    "ukan": (32, {"embed_dims": (16, 24, 32)}),
     "cmunet": (32, {"base_width": 4, "mixer_depth": 1}),
     "cmunext": (32, {"widths": (4, 8, 16, 24, 32), "depths": (1, 1, 1, 1, 1)}),
     "medt": (32, {"width": 4, "heads": 2}),

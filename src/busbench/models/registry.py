@@ -23,6 +23,7 @@ FAMILY_MODULES = (
     "busbench.models.unetpp",
     "busbench.models.unet3p",
     "busbench.models.unext",
+    "busbench.models.ukan",
     "busbench.models.cmunet",
     "busbench.models.transunet",
     "busbench.models.medt",
