@@ -333,7 +333,7 @@ def test_make_loader_settings(rows):
 def test_real_busi_cache_matches_png_and_masks_restore(real_data_root, tmp_path):
     from busbench.data.prepare import prepare
 
-    prepare(["busi"], data_root=tmp_path / "data", raw_root=real_data_root, folds=3, progress=False)
+    prepare(["busi"], data_root=tmp_path / "data", raw_root=real_data_root, folds=3, progress=False, splits="new")
     cfg = make_cfg(tmp_path / "data", image_size=96, channels=1)
     rows, info = load_dataset_rows(cfg, "busi")
     folder = ensure_cache(

@@ -58,8 +58,9 @@ def _assert_no_leak(df: pd.DataFrame) -> None:
 def real_prepared(real_data_root, tmp_path_factory) -> Path:
     root = link_real(real_data_root, tmp_path_factory.mktemp("real"))
     before = snapshot(real_data_root)
-    prepare(["busi", "busbra"], data_root=root, progress=False)
-    prepare(["bus_uclm"], data_root=root, folds=3, progress=False)
+    # drawn splits over the samples (the v1 split of these files is tested in test_reference_splits.py)
+    prepare(["busi", "busbra"], data_root=root, progress=False, splits="new")
+    prepare(["bus_uclm"], data_root=root, folds=3, progress=False, splits="new")
     assert snapshot(real_data_root) == before, "raw files were modified"
     return root
 
@@ -134,7 +135,7 @@ def test_real_busbra(real_prepared):
 @pytest.mark.realdata
 def test_real_busbra_official_folds(real_data_root, real_prepared, tmp_path):
     root = link_real(real_data_root, tmp_path, keys=("busbra",))
-    prepare(["busbra"], data_root=root, official_folds=True, progress=False)
+    prepare(["busbra"], data_root=root, official_folds=True, progress=False, splits="new")
     df = _manifest(root, "busbra").set_index("sample_id")
     with open(real_data_root / "BUSBRA" / "5-fold-cv.csv", newline="") as fh:
         official = {r["ID"]: int(r["kFold"]) for r in csv.DictReader(fh)}

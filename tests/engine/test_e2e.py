@@ -127,7 +127,7 @@ def test_small_unet_learns_real_busi(real_data_root, tmp_path):
     Both baselines are scored with the same metrics on the same validation images as the network.
     """
     data = tmp_path / "data"
-    prepare(["busi"], data_root=data, raw_root=real_data_root, folds=5, progress=False)
+    prepare(["busi"], data_root=data, raw_root=real_data_root, folds=5, progress=False, splits="new")
     cfg = load_config(
         DEMO,
         [

@@ -9,6 +9,7 @@ SHA-256 of those bytes, stored in the summary JSON, identifies a split.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -77,6 +78,41 @@ class DataRoots:
             derived_root=Path(derived_root) if derived_root is not None else base / "derived",
             manifest_dir=Path(manifest_dir) if manifest_dir is not None else base / "manifests",
         )
+
+
+def library_versions() -> dict[str, str]:
+    """Versions a prepared split or a result may depend on: busbench, Python, numpy, scikit-learn, OpenCV, pandas."""
+    import platform
+
+    import cv2
+    import numpy
+    import sklearn
+
+    from busbench import __version__
+
+    return {
+        "busbench": __version__,
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "scikit-learn": sklearn.__version__,
+        "opencv": cv2.__version__,
+        "pandas": pd.__version__,
+    }
+
+
+def split_provenance(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """Where a manifest's split came from, as its summary JSON records it (older summaries: a drawn split)."""
+    splits = summary.get("splits")
+    if isinstance(splits, Mapping):
+        return dict(splits)
+    seed = summary.get("seed")
+    return {
+        "source": f"drawn, seed {seed}",
+        "seed": seed,
+        "test_size": summary.get("test_size"),
+        "folds": summary.get("folds"),
+        "partial": False,
+    }
 
 
 def summary_path(manifest_path: str | os.PathLike) -> Path:
@@ -233,8 +269,12 @@ def read_summary(path: str | os.PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- reading
 
 
-def validate_manifest(df: pd.DataFrame, source: str) -> pd.DataFrame:
-    """Check columns and values; return ``df`` with integer columns as ints. ``source`` names the file in errors."""
+def validate_manifest(df: pd.DataFrame, source: str, fold_gaps: bool = False) -> pd.DataFrame:
+    """Check columns and values; return ``df`` with integer columns as ints. ``source`` names the file in errors.
+
+    ``fold_gaps`` accepts dev folds that skip a number: a partial copy of a release keeps the reference split's
+    fold numbers, and a fold may hold none of the images present.
+    """
 
     def fail(column: str, problem: str, rows: pd.Series | None = None) -> DataError:
         where = ""
@@ -286,7 +326,7 @@ def validate_manifest(df: pd.DataFrame, source: str) -> pd.DataFrame:
     bad = ~dev & (df["fold"] != -1)
     if bad.any():
         raise fail("fold", "is not -1 on test rows", bad)
-    if dev.any():
+    if dev.any() and not fold_gaps:
         present = set(df.loc[dev, "fold"].tolist())
         expected = set(range(max(present) + 1))
         if present != expected:
@@ -308,4 +348,9 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8")
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise DataError(f"manifest {path} is not a readable CSV ({exc}); re-run busbench prepare") from exc
-    return validate_manifest(df, str(path))
+    summary_file = summary_path(path)
+    fold_gaps = False
+    if summary_file.is_file():
+        with contextlib.suppress(DataError):
+            fold_gaps = bool(split_provenance(read_summary(summary_file)).get("partial"))
+    return validate_manifest(df, str(path), fold_gaps=fold_gaps)

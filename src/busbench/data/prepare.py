@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -48,19 +49,33 @@ from busbench.data.duplicates import (
 )
 from busbench.data.manifest import (
     DataRoots,
+    library_versions,
     manifest_bytes,
     relative_posix,
     sha256_bytes,
     summary_json,
     validate_manifest,
 )
-from busbench.data.splits import assign_splits, label_deviation
+from busbench.data.splits import (
+    RELEASE_NAMES,
+    ReferenceCheck,
+    ReferenceSplit,
+    SplitResult,
+    assign_splits,
+    compare_with_reference,
+    documented_count_line,
+    label_deviation,
+    reference_keys,
+    reference_split,
+)
 from busbench.errors import DataError
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 MASK_SUFFIX = ".png"
 CLASS_SUFFIX = "_classes.png"
 PARALLEL_MIN = 32  # below this many samples a thread pool costs more than it saves
+SPLIT_CHOICES = ("v1", "new")
+DRAW_DEFAULTS: dict[str, Any] = {"test_size": 0.2, "folds": 5, "seed": 42}
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +106,32 @@ class _Decoded:
     class_png: bytes
     signature: Signature
     notes: list[str]
+    image_sha256: str
+
+
+@dataclass(frozen=True)
+class SplitRequest:
+    """What the user asked for: ``splits`` None (v1 where it applies, else drawn), "v1" or "new"; the drawing
+    settings; which of them were given explicitly; whether a partial copy of a release is accepted."""
+
+    splits: str | None = None
+    test_size: float = DRAW_DEFAULTS["test_size"]
+    folds: int = DRAW_DEFAULTS["folds"]
+    seed: int = DRAW_DEFAULTS["seed"]
+    explicit: tuple[str, ...] = ()
+    allow_partial: bool = False
+
+
+@dataclass
+class _SplitPlan:
+    """How one dataset gets its split: from a reference file or drawn, and the line that says so."""
+
+    reference: ReferenceSplit | None
+    check: ReferenceCheck | None
+    use_reference: bool
+    statement: str
+    status: str  # complete | partial | not the release | no reference
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -101,6 +142,8 @@ class PreparedDataset:
     manifest: bytes
     summary: dict[str, Any]
     derived: dict[str, bytes] = field(repr=False)  # file name under <derived_root>/<key>/ -> PNG bytes
+    statement: str = ""  # where the split came from, in one line
+    warnings: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------------- decode
@@ -140,6 +183,7 @@ def _decode_sample(adapter: Adapter, sample: RawSample) -> _Decoded:
         class_png=_encode_png(class_map, f"class map of {sample.sample_id}"),
         signature=image_signature(image),
         notes=[str(n) for n in decoded.notes],
+        image_sha256=hashlib.sha256(Path(sample.image_path).read_bytes()).hexdigest(),
     )
 
 
@@ -187,13 +231,125 @@ def _count(values: Sequence[Any]) -> dict[str, int]:
     return {str(k): int(v) for k, v in sorted(Counter(str(x) for x in values).items())}
 
 
+def _drawn(request: SplitRequest) -> str:
+    return (
+        f"drawn, seed {request.seed} (test size {request.test_size:g}, {request.folds} folds, grouped by patient "
+        "and near-duplicates)"
+    )
+
+
+def _plan_split(
+    key: str,
+    request: SplitRequest,
+    samples: Sequence[RawSample],
+    decoded: Sequence[_Decoded],
+    excluded: Sequence[str],
+    official_folds: bool,
+) -> _SplitPlan:
+    """Decide between the shipped reference split and a drawn one; check the files against the reference.
+
+    Refuses (DataError) a copy that is not the release a reference split was made for: images missing (unless
+    ``allow_partial``), images the release does not hold, or labels/patients that differ.
+    """
+    reference = reference_split(key)
+    name = RELEASE_NAMES.get(key, key)
+    if reference is None:
+        if request.splits == "v1":
+            raise DataError(
+                f"{key}: busbench has no v1 split for {key} (it has one for {', '.join(reference_keys())}); "
+                "use --splits new to draw one"
+            )
+        warnings = [line] if (line := documented_count_line(key, [s.label for s in samples])) else []
+        statement = f"{_drawn(request)}; busbench has no reference split for {key}"
+        return _SplitPlan(None, None, False, statement, "no reference", warnings)
+    check = compare_with_reference(
+        reference,
+        [s.sample_id for s in samples],
+        [s.label for s in samples],
+        [s.patient_id for s in samples],
+        [d.image_sha256 for d in decoded],
+        [(d.height, d.width) for d in decoded],
+        excluded,
+    )
+    if request.splits == "new":
+        warnings = []
+        if check.is_release and (check.missing or check.extra or check.changed or check.mismatched):
+            warnings.append(
+                f"{key}: compared with the {name} public release: {len(check.missing)} missing, "
+                f"{len(check.extra)} not in it, {len(check.changed)} with other bytes (listed in {key}.json)"
+            )
+        status = ("partial" if check.partial else "complete") if check.is_release else "not the release"
+        statement = f"{_drawn(request)}, as --splits new asks"
+        return _SplitPlan(reference, check, False, statement, status, warnings)
+    if request.splits is None and not check.is_release:
+        return _SplitPlan(
+            reference,
+            check,
+            False,
+            f"{_drawn(request)}; these files are not the {name} public release that the v1 split covers (none of "
+            f"the {len(samples)} images has a released file's bytes or pixel size, as with synthetic data); "
+            "pass --splits v1 to use the v1 split anyway",
+            "not the release",
+        )
+    problems = []
+    if check.mismatched:
+        problems.append(
+            f"{len(check.mismatched)} image(s) differ from the v1 split's labels or patients "
+            f"({'; '.join(check.mismatched[:3])})"
+        )
+    if check.extra:
+        problems.append(
+            f"{len(check.extra)} image(s) on disk are not in the {name} public release: "
+            f"{', '.join(check.extra[:5])}{' ...' if len(check.extra) > 5 else ''}; remove them, or pass "
+            "--splits new to draw a split over what is on disk"
+        )
+    given = [o for o in ("seed", "test_size", "folds") if o in request.explicit]
+    given = [o for o in given if getattr(request, o) != reference.settings[o]]
+    if given:
+        problems.append(
+            f"{', '.join('--' + o.replace('_', '-') for o in given)} apply to drawn splits, and the v1 split "
+            f"has seed {reference.settings['seed']}, test size {reference.settings['test_size']:g} and "
+            f"{reference.settings['folds']} folds; add --splits new to draw a split with them"
+        )
+    if official_folds:
+        problems.append("--official-folds draws a new split; add --splits new to use it")
+    if problems:
+        raise DataError(f"{key}: " + "; ".join(problems))
+    if check.missing and not request.allow_partial:
+        raise DataError(
+            f"{check.missing_line()}; re-download the dataset, or pass --allow-partial to prepare the "
+            f"{len(check.present)} present images with their v1 split"
+        )
+    warnings = []
+    if check.changed:
+        warnings.append(
+            f"{key}: {len(check.changed)} of {len(check.present)} images differ in bytes from the {name} public "
+            f"release (listed under reference.changed in {key}.json); they keep their v1 split"
+        )
+    statement = f"v1 (the {name} public release's reference split"
+    if check.missing:
+        statement += f", partial: {len(check.present)} of {len(reference.rows)} images present)"
+        warnings.append(f"partial copy: {check.missing_line()}")
+    else:
+        statement += ")"
+    return _SplitPlan(reference, check, True, statement, "partial" if check.missing else "complete", warnings)
+
+
+def _reference_assignment(
+    reference: ReferenceSplit, ids: Sequence[str]
+) -> tuple[dict[str, str], SplitResult]:
+    """Group, split and fold of each id, as the reference file has them."""
+    rows = reference.rows.loc[list(ids)]
+    group_of = dict(zip(ids, rows["group_id"].astype(str), strict=True))
+    split = SplitResult(split=rows["split"].astype(str).to_numpy(), fold=rows["fold"].astype(int).to_numpy())
+    return group_of, split
+
+
 def _prepare_one(
     adapter: Adapter,
     roots: DataRoots,
     *,
-    test_size: float,
-    folds: int,
-    seed: int,
+    request: SplitRequest,
     official_folds: bool,
     workers: int,
     progress: bool,
@@ -226,22 +382,29 @@ def _prepare_one(
 
     ids = [s.sample_id for s in samples]
     labels = {s.sample_id: s.label for s in samples}
+    plan = _plan_split(key, request, samples, decoded, sorted(adapter.excluded), official_folds)
     with _phase(key, "duplicates"):
         pairs = find_duplicates(ids, [d.signature for d in decoded])
         group_of = group_samples(ids, [s.patient_id for s in samples], pairs)
+    if plan.use_reference and plan.reference is not None:
+        group_of, result = _reference_assignment(plan.reference, ids)
+        settings = plan.reference.settings
+        test_size, folds, seed = settings["test_size"], settings["folds"], settings["seed"]
+    else:
+        test_size, folds, seed = request.test_size, request.folds, request.seed
+        with _phase(key, "splits"):
+            result = assign_splits(
+                ids,
+                [s.label for s in samples],
+                [group_of[i] for i in ids],
+                test_size=test_size,
+                folds=folds,
+                seed=seed,
+                official_folds=[s.official_fold for s in samples] if official_folds else None,
+                dataset=key,
+            )
     conflicts = label_conflicts(pairs, labels)
     mixed = mixed_label_groups(group_of, labels)
-    with _phase(key, "splits"):
-        result = assign_splits(
-            ids,
-            [s.label for s in samples],
-            [group_of[i] for i in ids],
-            test_size=test_size,
-            folds=folds,
-            seed=seed,
-            official_folds=[s.official_fold for s in samples] if official_folds else None,
-            dataset=key,
-        )
 
     rows = []
     derived: dict[str, bytes] = {}
@@ -269,7 +432,9 @@ def _prepare_one(
         rows.append(row)
     data = manifest_bytes(rows)
     # Read back what was built, so a manifest prepare writes always passes read_manifest.
-    validate_manifest(pd.DataFrame(rows).astype(str), f"{key}.csv (being built)")
+    validate_manifest(
+        pd.DataFrame(rows).astype(str), f"{key}.csv (being built)", fold_gaps=plan.status == "partial"
+    )
 
     notes = [
         n if n.startswith(s.sample_id) else f"{s.sample_id}: {n}"
@@ -292,8 +457,36 @@ def _prepare_one(
         conflicts=[p.as_dict() for p in conflicts],
         mixed=mixed,
         notes=result.notes + notes,
+        plan=plan,
     )
-    return PreparedDataset(key=key, manifest=data, summary=summary, derived=derived)
+    return PreparedDataset(
+        key=key,
+        manifest=data,
+        summary=summary,
+        derived=derived,
+        statement=plan.statement,
+        warnings=plan.warnings,
+    )
+
+
+def _splits_record(plan: _SplitPlan, seed: int, test_size: float, folds: int) -> dict[str, Any]:
+    """``splits`` of the summary: the source ("v1" / "drawn, seed S"), its settings, and whether it is partial."""
+    partial = plan.use_reference and plan.status == "partial"
+    return {
+        "source": "v1" if plan.use_reference else f"drawn, seed {seed}",
+        "version": plan.reference.version if plan.use_reference and plan.reference else None,
+        "file": plan.reference.file if plan.use_reference and plan.reference else None,
+        "seed": seed,
+        "test_size": test_size,
+        "folds": folds,
+        "partial": partial,
+        "statement": plan.statement,
+    }
+
+
+def _reference_record(plan: _SplitPlan) -> dict[str, Any]:
+    """``reference`` of the summary: how the files compare with the release's reference split."""
+    return plan.check.as_dict(plan.status) if plan.check else {"status": plan.status}
 
 
 def _summary(key: str, rows: list[dict[str, Any]], **info: Any) -> dict[str, Any]:
@@ -318,6 +511,9 @@ def _summary(key: str, rows: list[dict[str, Any]], **info: Any) -> dict[str, Any
         "test_size": info["test_size"],
         "folds": k,
         "official_folds": info["official_folds"],
+        "splits": _splits_record(info["plan"], info["seed"], info["test_size"], k),
+        "reference": _reference_record(info["plan"]),
+        "versions": library_versions(),
         "adapter_options": {
             str(name): value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
             for name, value in sorted(info["options"].items())
@@ -415,15 +611,17 @@ def prepare(
     data_root: str | os.PathLike | None = None,
     raw_root: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
-    test_size: float = 0.2,
-    folds: int = 5,
-    seed: int = 42,
+    test_size: float | None = None,
+    folds: int | None = None,
+    seed: int | None = None,
     official_folds: bool = False,
     adapter_options: Mapping[str, Mapping[str, Any]] | None = None,
     progress: bool = True,
     *,
     derived_root: str | os.PathLike | None = None,
     workers: int | None = None,
+    splits: str | None = None,
+    allow_partial: bool = False,
 ) -> list[Path]:
     """Prepare each dataset key; returns the manifest paths (``<out>/<key>.csv``), in the order given.
 
@@ -431,7 +629,24 @@ def prepare(
     ``data_root`` from the argument, else ``$BUSBENCH_DATA``, else ``data``. ``adapter_options`` maps a dataset
     key to keyword options of its adapter (e.g. ``{"bus_uclm": {...}}``). ``progress`` shows progress bars (on a
     terminal) and prints a summary table. Raises DataError, and writes nothing, if any dataset fails.
+
+    Splits: with ``splits=None`` a dataset whose full public release busbench ships a reference split for
+    (:func:`busbench.data.splits.reference_keys`) gets that split (v1) when its files are the release, checked
+    image by image (missing images refused unless ``allow_partial``; images the release lacks refused; other bytes
+    listed and warned about); any other dataset gets a split drawn with ``test_size`` (0.2), ``folds`` (5) and
+    ``seed`` (42), and prepare says why. ``splits="v1"`` insists on the reference split, ``splits="new"`` always
+    draws.
     """
+    if splits is not None and splits not in SPLIT_CHOICES:
+        raise DataError(f"--splits must be one of {', '.join(SPLIT_CHOICES)}, got {splits!r}")
+    given = {"test_size": test_size, "folds": folds, "seed": seed}
+    request = SplitRequest(
+        splits=splits,
+        explicit=tuple(name for name, value in given.items() if value is not None),
+        allow_partial=allow_partial,
+        **{name: DRAW_DEFAULTS[name] if value is None else value for name, value in given.items()},
+    )
+    test_size, folds, seed = request.test_size, request.folds, request.seed
     if not datasets:
         raise DataError("no datasets given; pass --datasets with one or more keys (e.g. busi busbra)")
     repeated = sorted(k for k, c in Counter(datasets).items() if c > 1)
@@ -463,9 +678,14 @@ def prepare(
         _prepare_one(
             adapter,
             roots,
-            test_size=float(test_size),
-            folds=int(folds),
-            seed=int(seed),
+            request=SplitRequest(
+                splits=request.splits,
+                test_size=float(test_size),
+                folds=int(folds),
+                seed=int(seed),
+                explicit=request.explicit,
+                allow_partial=request.allow_partial,
+            ),
             official_folds=official_folds,
             workers=n_workers,
             progress=progress,
@@ -474,8 +694,13 @@ def prepare(
     ]
     with _phase(",".join(datasets), "write"):
         paths = _write(prepared, roots)
+    for item in prepared:
+        for line in item.warnings:
+            log.warning("%s", line)
     if progress:
         print(summary_table([p.summary for p in prepared]))
+        for item in prepared:
+            print(f"{item.key} split: {item.statement}")
         for path in paths:
             print(f"wrote {path} and {path.with_suffix('.json').name}")
     return paths
@@ -524,9 +749,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--datasets",
         nargs="+",
-        required=True,
+        default=None,
         metavar="KEY",
-        help="dataset keys: busi, curated_busi, busbra, bus_uc, bus_uclm, yap2018",
+        help="dataset keys: busi, curated_busi, busbra, bus_uc, bus_uclm, yap2018, or a plugin's key",
+    )
+    parser.add_argument(
+        "--layout",
+        default=None,
+        metavar="LAYOUT",
+        help="prepare a dataset of your own in a generic layout instead of --datasets: folder = images/ + masks/ "
+        "(same stems) + optional meta.csv",
+    )
+    parser.add_argument("--key", default=None, metavar="NAME", help="with --layout: the new dataset's key")
+    parser.add_argument(
+        "--dataset-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="with --layout: the folder holding images/ and masks/ (default: <raw-root>/<key>)",
     )
     parser.add_argument(
         "--data-root",
@@ -552,11 +792,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="folder for <key>.csv and <key>.json (default: <data-root>/manifests)",
     )
-    parser.add_argument("--test-size", type=float, default=0.2, help="held-out test fraction (default 0.2)")
     parser.add_argument(
-        "--folds", type=int, default=5, help="cross-validation folds over the dev rows (default 5)"
+        "--splits",
+        choices=SPLIT_CHOICES,
+        default=None,
+        help="v1: the reference split busbench ships for the full public releases of busi, curated_busi, "
+        "busbra and bus_uclm, with the files checked against it; new: draw a split. Default: v1 for those "
+        "datasets when the files are the public release, else a drawn split (prepare says which)",
     )
-    parser.add_argument("--seed", type=int, default=42, help="seed for the test split and folds (default 42)")
+    parser.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="v1: accept a copy with images missing; present images keep their v1 split, and the summary "
+        "JSON and the audit say 'partial'",
+    )
+    parser.add_argument(
+        "--test-size", type=float, default=None, help="drawn splits: held-out test fraction (default 0.2)"
+    )
+    parser.add_argument(
+        "--folds",
+        type=int,
+        default=None,
+        help="drawn splits: cross-validation folds over dev rows (default 5)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="drawn splits: seed for the test split and folds (default 42)"
+    )
     parser.add_argument(
         "--official-folds",
         action="store_true",
@@ -605,19 +866,48 @@ def _cli_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return options
 
 
+def _requested(args: argparse.Namespace) -> tuple[list[str], Path | None, dict[str, dict[str, Any]]]:
+    """Dataset keys, raw root and adapter options from ``--datasets`` or ``--layout/--key/--dataset-dir``."""
+    options = _cli_options(args)
+    if args.layout is None:
+        if args.key is not None or args.dataset_dir is not None:
+            raise DataError("--key and --dataset-dir go with --layout (e.g. --layout folder --key hospital_a)")
+        if not args.datasets:
+            raise DataError(
+                "no datasets given; pass --datasets with one or more keys (e.g. busi busbra), or prepare your own "
+                "data with --layout folder --key NAME --dataset-dir DIR"
+            )
+        return list(args.datasets), args.raw_root, options
+    if args.datasets:
+        raise DataError(f"--layout {args.layout} prepares one dataset under --key; leave out --datasets")
+    if not args.key:
+        raise DataError(f"--layout {args.layout} needs --key NAME, the key configs will use (e.g. hospital_a)")
+    options.setdefault(args.key, {})["layout"] = args.layout
+    raw_root = args.raw_root
+    if args.dataset_dir is not None:
+        if raw_root is not None:
+            raise DataError("--dataset-dir and --raw-root both say where the data is; pass only one of them")
+        raw_root = args.dataset_dir
+        options[args.key]["folder"] = "."
+    return [args.key], raw_root, options
+
+
 def run(args: argparse.Namespace) -> int:
+    datasets, raw_root, options = _requested(args)
     prepare(
-        args.datasets,
+        datasets,
         data_root=args.data_root,
-        raw_root=args.raw_root,
+        raw_root=raw_root,
         out=args.out,
         test_size=args.test_size,
         folds=args.folds,
         seed=args.seed,
         official_folds=args.official_folds,
-        adapter_options=_cli_options(args),
+        adapter_options=options,
         progress=not args.quiet and sys.stdout is not None,
         derived_root=args.derived_root,
         workers=args.workers,
+        splits=args.splits,
+        allow_partial=args.allow_partial,
     )
     return 0

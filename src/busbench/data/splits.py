@@ -6,15 +6,30 @@ every fold should mirror the dataset's label mix; sklearn's ``StratifiedGroupKFo
 
 Determinism: rows are put in ``sample_id`` order before anything random happens and every random choice comes
 from ``seed``, so the same samples and seed give the same split on every machine and filesystem.
+
+Library versions: ``StratifiedGroupKFold(shuffle=True)`` shuffles groups differently before and after scikit-learn
+1.8 (older versions permute the per-group label counts without the groups that own them, so groups land in folds
+almost at random). busbench therefore orders the groups itself, with the permutation scikit-learn >= 1.8 draws
+(``RandomState(seed).shuffle`` of the group indices; NumPy keeps ``RandomState`` streams fixed across releases),
+and calls the splitter with ``shuffle=False``, whose greedy assignment is the same in every scikit-learn since
+1.0. Drawn splits are thus identical under every supported scikit-learn, and equal to what scikit-learn >= 1.8
+gives with ``shuffle=True``.
+
+Reference splits: for datasets whose full public release busbench has split once for everyone (v1), the split
+ships with the package (``busbench/data/splits/<key>_v1.csv``) and :func:`compare_with_reference` checks a
+dataset on disk against it.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
 
 import numpy as np
+import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from busbench.errors import DataError
@@ -60,13 +75,30 @@ def _partition(test_size: float) -> tuple[int, int]:
     return best
 
 
+def shuffled_group_codes(groups: np.ndarray, seed: int) -> np.ndarray:
+    """Integer code per row whose sorted order is a seeded permutation of the groups.
+
+    The group at index i of ``np.unique(groups)`` gets code ``inverse[i]`` of ``perm = arange(n);
+    RandomState(seed).shuffle(perm)``, so an unshuffled StratifiedGroupKFold visits the groups in ``perm`` order,
+    which is what scikit-learn >= 1.8 does with ``shuffle=True, random_state=seed``.
+    """
+    _, group_index = np.unique(groups, return_inverse=True)
+    n_groups = int(group_index.max()) + 1 if len(group_index) else 0
+    perm = np.arange(n_groups)
+    np.random.RandomState(seed).shuffle(perm)
+    inverse = np.empty_like(perm)
+    inverse[perm] = np.arange(n_groups)
+    return inverse[group_index.ravel()]
+
+
 def _sgkf(n_splits: int, seed: int, labels: np.ndarray, groups: np.ndarray) -> list[np.ndarray]:
-    """Validation index arrays of StratifiedGroupKFold, without its per-class member-count warning."""
-    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    """Validation index arrays of a seeded, version-independent StratifiedGroupKFold (see the module doc)."""
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=False)
+    codes = shuffled_group_codes(groups, seed)
     with warnings.catch_warnings():
         # It warns when a class has fewer *members* than n_splits; group shortfalls are reported as notes.
         warnings.simplefilter("ignore", UserWarning)
-        return [val for _, val in splitter.split(np.zeros(len(labels)), labels, groups)]
+        return [np.asarray(val) for _, val in splitter.split(np.zeros(len(labels)), labels, codes)]
 
 
 def split_test(
@@ -211,3 +243,215 @@ def _official(
             )
             fold[rows] = fold[rows[0]]
     return fold, notes
+
+
+# ------------------------------------------------------------------------------------------ reference splits
+
+REFERENCE_VERSIONS: tuple[str, ...] = ("v1",)
+REFERENCE_PACKAGE_DIR = "splits"  # below busbench/data/
+REFERENCE_COLUMNS: tuple[str, ...] = (
+    "sample_id",
+    "patient_id",
+    "group_id",
+    "label",
+    "image_path",
+    "height",
+    "width",
+    "split",
+    "fold",
+    "image_sha256",
+    "mask_sha256",
+)
+# Settings prepare drew v1 with on the full public releases (commit 8be76c7, Python 3.11, scikit-learn 1.9.1,
+# numpy 2.4.6, OpenCV 5.0.0, pandas 3.1.1; BUS-UCLM HESN rule "resize").
+REFERENCE_SETTINGS: dict[str, dict[str, Any]] = {
+    "v1": {"seed": 42, "test_size": 0.2, "folds": 5, "busbench_commit": "8be76c7"},
+}
+# Image and label counts of public releases that busbench has no reference split for (BUS-UC from its
+# Mendeley release, Yap2018 from DatasetB.xlsx).
+DOCUMENTED_COUNTS: dict[str, dict[str, int]] = {
+    "bus_uc": {"benign": 358, "malignant": 453},
+    "yap2018": {"benign": 109, "malignant": 54},
+}
+RELEASE_NAMES: dict[str, str] = {
+    "busi": "BUSI",
+    "curated_busi": "Curated BUSI",
+    "busbra": "BUS-BRA",
+    "bus_uc": "BUS-UC",
+    "bus_uclm": "BUS-UCLM",
+    "yap2018": "Yap2018",
+}
+SHOWN_IDS = 5  # ids named in one-line messages
+
+
+def _first(ids: Sequence[str], n: int = SHOWN_IDS) -> str:
+    shown = ", ".join(ids[:n])
+    return shown + (f" and {len(ids) - n} more" if len(ids) > n else "")
+
+
+def _label_text(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{v} {k}" for k, v in sorted(counts.items()) if v)
+
+
+@dataclass(frozen=True)
+class ReferenceSplit:
+    """One shipped reference split: the rows of a full public release with their split, fold and group."""
+
+    key: str
+    version: str
+    file: str  # package-relative name, e.g. "splits/busi_v1.csv"
+    rows: pd.DataFrame = field(repr=False)  # indexed by sample_id, every column a string except the ints
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(REFERENCE_SETTINGS[self.version])
+
+
+def reference_keys(version: str = "v1") -> list[str]:
+    """Dataset keys busbench ships a ``version`` reference split for."""
+    folder = resources.files("busbench.data") / REFERENCE_PACKAGE_DIR
+    suffix = f"_{version}.csv"
+    return sorted(p.name[: -len(suffix)] for p in folder.iterdir() if p.name.endswith(suffix))
+
+
+def reference_split(key: str, version: str = "v1") -> ReferenceSplit | None:
+    """The shipped ``version`` split of ``key``'s full public release, or None when busbench has none."""
+    if version not in REFERENCE_VERSIONS:
+        raise DataError(
+            f"unknown reference split {version!r}; busbench ships {', '.join(REFERENCE_VERSIONS)}"
+        )
+    name = f"{REFERENCE_PACKAGE_DIR}/{key}_{version}.csv"
+    resource = resources.files("busbench.data") / name
+    if not resource.is_file():
+        return None
+    with resource.open("rb") as handle:
+        df = pd.read_csv(handle, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8")
+    missing = [c for c in REFERENCE_COLUMNS if c not in df.columns]
+    if missing or df["sample_id"].duplicated().any():
+        raise DataError(f"packaged reference split busbench/data/{name} is damaged; reinstall busbench")
+    for column in ("height", "width", "fold"):
+        df[column] = df[column].astype(int)
+    return ReferenceSplit(key=key, version=version, file=name, rows=df.set_index("sample_id", drop=False))
+
+
+@dataclass
+class ReferenceCheck:
+    """A dataset on disk compared with a reference split, row by row through ``sample_id``."""
+
+    reference: ReferenceSplit
+    present: list[str]  # ids on disk that the reference holds
+    missing: list[str]  # reference ids neither on disk nor left out by an adapter option
+    excluded: list[str]  # reference ids an adapter option left out (e.g. --exclude-doppler)
+    extra: list[str]  # ids on disk that the reference does not hold
+    changed: list[str]  # present ids whose image bytes differ from image_sha256
+    same_bytes: int  # present ids with the released bytes
+    same_size: int  # present ids with the released pixel size
+    mismatched: list[str]  # "<id>: label benign, reference malignant" and the like
+
+    @property
+    def is_release(self) -> bool:
+        """At least one image on disk is a file of the release (its bytes, or its pixel size under its id)."""
+        return self.same_bytes > 0 or self.same_size > 0
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.missing)
+
+    def missing_by_label(self) -> dict[str, int]:
+        labels = self.reference.rows.loc[self.missing, "label"] if self.missing else pd.Series(dtype=str)
+        return {str(k): int(v) for k, v in sorted(labels.value_counts().items())}
+
+    def missing_line(self) -> str:
+        total = len(self.reference.rows)
+        name = RELEASE_NAMES.get(self.reference.key, self.reference.key)
+        return (
+            f"{self.reference.key}: {len(self.missing)} of the {total} images of the {name} public release are "
+            f"missing ({_label_text(self.missing_by_label())}; first: {_first(self.missing)})"
+        )
+
+    def as_dict(self, status: str) -> dict[str, Any]:
+        return {
+            "file": self.reference.file,
+            "version": self.reference.version,
+            "status": status,
+            "images": len(self.reference.rows),
+            "present": len(self.present),
+            "same_bytes": self.same_bytes,
+            "missing": len(self.missing),
+            "missing_by_label": self.missing_by_label(),
+            "missing_ids": list(self.missing),
+            "excluded_by_options": list(self.excluded),
+            "extra": list(self.extra),
+            "changed": list(self.changed),
+        }
+
+
+def compare_with_reference(
+    reference: ReferenceSplit,
+    sample_ids: Sequence[str],
+    labels: Sequence[str],
+    patients: Sequence[str],
+    image_sha256: Sequence[str],
+    sizes: Sequence[tuple[int, int]],
+    excluded: Sequence[str] = (),
+) -> ReferenceCheck:
+    """Compare the samples on disk with ``reference`` (all sequences aligned with ``sample_ids``)."""
+    rows = reference.rows
+    known = set(rows.index)
+    on_disk = set(sample_ids)
+    left_out = set(excluded)
+    present, extra, changed, mismatched = [], [], [], []
+    same_bytes = same_size = 0
+    for sid, label, patient, digest, (h, w) in zip(
+        sample_ids, labels, patients, image_sha256, sizes, strict=True
+    ):
+        if sid not in known:
+            extra.append(sid)
+            continue
+        present.append(sid)
+        ref = rows.loc[sid]
+        if digest == ref["image_sha256"]:
+            same_bytes += 1
+        else:
+            changed.append(sid)
+        same_size += (int(ref["height"]), int(ref["width"])) == (h, w)
+        if label != ref["label"]:
+            mismatched.append(f"{sid}: label {label}, reference {ref['label']}")
+        elif patient != ref["patient_id"]:
+            mismatched.append(f"{sid}: patient {patient}, reference {ref['patient_id']}")
+    missing = sorted(known - on_disk - left_out)
+    return ReferenceCheck(
+        reference=reference,
+        present=present,
+        missing=missing,
+        excluded=sorted(known & left_out - on_disk),
+        extra=sorted(extra),
+        changed=sorted(changed),
+        same_bytes=same_bytes,
+        same_size=same_size,
+        mismatched=mismatched,
+    )
+
+
+def documented_count_line(key: str, labels: Sequence[str]) -> str | None:
+    """One line naming what differs from the documented counts of ``key``'s public release, or None."""
+    documented = DOCUMENTED_COUNTS.get(key)
+    if documented is None:
+        return None
+    counts = {k: 0 for k in documented}
+    for label in labels:
+        counts[str(label)] = counts.get(str(label), 0) + 1
+    if counts == documented:
+        return None
+    total = sum(documented.values())
+    short = {k: documented.get(k, 0) - v for k, v in counts.items() if documented.get(k, 0) > v}
+    over = {k: v - documented.get(k, 0) for k, v in counts.items() if v > documented.get(k, 0)}
+    parts = []
+    if short:
+        parts.append(f"{sum(short.values())} missing ({_label_text(short)})")
+    if over:
+        parts.append(f"{sum(over.values())} more than released ({_label_text(over)})")
+    return (
+        f"{key}: {len(labels)} images ({_label_text(counts)}) but the public release has {total} "
+        f"({_label_text(documented)}): {'; '.join(parts)}"
+    )
