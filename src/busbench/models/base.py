@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from busbench.errors import ModelError
@@ -53,3 +54,50 @@ class SegModel(nn.Module):
                 f"{type(self).__name__} expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}"
             )
         self.check_input_size(x.shape[-2], x.shape[-1])
+
+
+class PooledUNet(SegModel):
+    """U-shaped models whose encoder is ``encoder`` stages joined by ``pool``, then ``bottleneck``.
+
+    Subclasses set ``encoder`` (a ``ModuleList``, shallowest first), ``pool`` and ``bottleneck``, optionally a
+    ``stem`` run before the first stage, and for :meth:`decode` the lists ``up`` and ``decoder`` (deepest first).
+    """
+
+    encoder: nn.ModuleList
+    pool: nn.Module
+
+    def encoder_modules(self) -> list[nn.Module]:
+        stem = getattr(self, "stem", None)
+        return [m for m in (stem, self.encoder, self.bottleneck) if m is not None]
+
+    def encode(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The bottleneck's output and every encoder stage's output (the skips), shallowest first."""
+        stem = getattr(self, "stem", None)
+        if stem is not None:
+            x = stem(x)
+        skips = []
+        for i, stage in enumerate(self.encoder):
+            x = stage(x if i == 0 else self.pool(x))
+            skips.append(x)
+        return self.bottleneck(self.pool(x)), skips
+
+    def decode(
+        self,
+        x: Tensor,
+        skips: list[Tensor],
+        decoder: nn.ModuleList | None = None,
+        gates: nn.ModuleList | None = None,
+    ) -> list[Tensor]:
+        """Every decoder stage's output, deepest first. A stage upsamples with ``up[k]``, passes its skip through
+        ``gates[k](upsampled, skip)`` when gates are given, and fuses ``cat(skip, upsampled)`` with
+        ``decoder[k]`` (``self.decoder`` by default)."""
+        outputs = []
+        stages = self.decoder if decoder is None else decoder
+        for k, (up, dec) in enumerate(zip(self.up, stages, strict=True)):
+            x = up(x)
+            skip = skips[-1 - k]
+            if gates is not None:
+                skip = gates[k](x, skip)
+            x = dec(torch.cat((skip, x), dim=1))
+            outputs.append(x)
+        return outputs

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from busbench.errors import ModelError
-from busbench.models.base import SegModel
+from busbench.models.base import PooledUNet
 from busbench.models.blocks import DoubleConv, Residual, UpConv, check_base_width, check_widths, conv_bn_act
 from busbench.models.registry import register_model
 
@@ -86,7 +86,7 @@ class MSAG(nn.Module):
         return x + x * self.vote(multi)
 
 
-class CMUNet(SegModel):
+class CMUNet(PooledUNet):
     size_multiple = 16
 
     def __init__(
@@ -114,20 +114,11 @@ class CMUNet(SegModel):
         self.decoder = nn.ModuleList([DoubleConv(2 * w[i], w[i]) for i in reversed(range(4))])
         self.head = nn.Conv2d(w[0], num_classes, 1)
 
-    def encoder_modules(self) -> list[nn.Module]:
-        return [self.encoder, self.bottleneck]
-
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
-        skips = []
-        for i, stage in enumerate(self.encoder):
-            x = stage(x if i == 0 else self.pool(x))
-            skips.append(x)
-        x = self.bottleneck(self.pool(x))
+        x, skips = self.encode(x)
         skips = [gate(s) for gate, s in zip(self.gates, skips, strict=True)]
-        for k, (up, dec) in enumerate(zip(self.up, self.decoder, strict=True)):
-            x = dec(torch.cat((skips[-1 - k], up(x)), dim=1))
-        return self.head(x)
+        return self.head(self.decode(x, skips)[-1])
 
 
 class CMUNeXtBlock(nn.Sequential):
@@ -156,7 +147,7 @@ class SkipFusion(nn.Sequential):
         )
 
 
-class CMUNeXt(SegModel):
+class CMUNeXt(PooledUNet):
     size_multiple = 16
 
     def __init__(
@@ -184,20 +175,10 @@ class CMUNeXt(SegModel):
         self.fusion = nn.ModuleList([SkipFusion(2 * w[i], w[i]) for i in reversed(range(4))])
         self.head = nn.Conv2d(w[0], num_classes, 1)
 
-    def encoder_modules(self) -> list[nn.Module]:
-        return [self.stem, self.encoder, self.bottleneck]
-
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
-        x = self.stem(x)
-        skips = []
-        for i, stage in enumerate(self.encoder):
-            x = stage(x if i == 0 else self.pool(x))
-            skips.append(x)
-        x = self.bottleneck(self.pool(x))
-        for k, (up, fuse) in enumerate(zip(self.up, self.fusion, strict=True)):
-            x = fuse(torch.cat((skips[-1 - k], up(x)), dim=1))
-        return self.head(x)
+        x, skips = self.encode(x)
+        return self.head(self.decode(x, skips, decoder=self.fusion)[-1])
 
 
 @register_model(

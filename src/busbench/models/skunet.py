@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from busbench.models.base import SegModel
+from busbench.models.base import PooledUNet
 from busbench.models.blocks import UpConv, check_base_width, conv_bn_act
 from busbench.models.registry import register_model
 
@@ -64,7 +64,7 @@ class SKStage(nn.Sequential):
         )
 
 
-class SKUNet(SegModel):
+class SKUNet(PooledUNet):
     size_multiple = 2**DEPTH
 
     def __init__(
@@ -92,19 +92,10 @@ class SKUNet(SegModel):
         )
         self.head = nn.Conv2d(w[0], num_classes, 1)
 
-    def encoder_modules(self) -> list[nn.Module]:
-        return [self.encoder, self.bottleneck]
-
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
-        skips = []
-        for i, stage in enumerate(self.encoder):
-            x = stage(x if i == 0 else self.pool(x))
-            skips.append(x)
-        x = self.bottleneck(self.pool(x))
-        for k, (up, dec) in enumerate(zip(self.up, self.decoder, strict=True)):
-            x = dec(torch.cat((skips[-1 - k], up(x)), dim=1))
-        return self.head(x)
+        x, skips = self.encode(x)
+        return self.head(self.decode(x, skips)[-1])
 
 
 @register_model(

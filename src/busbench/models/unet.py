@@ -25,12 +25,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from busbench.errors import ModelError
-from busbench.models.base import SegModel
+from busbench.models.base import PooledUNet
 from busbench.models.blocks import DoubleConv, UpConv, check_base_width
 from busbench.models.registry import register_model
 
@@ -81,7 +80,7 @@ class AttentionGate(nn.Module):
         return x * self.psi(self.relu(self.w_g(g) + self.w_x(x)))
 
 
-class UNet(SegModel):
+class UNet(PooledUNet):
     """U-Net with optional attention gates on the skips (``attention=True`` gives Attention U-Net)."""
 
     size_multiple = 16
@@ -116,23 +115,10 @@ class UNet(SegModel):
         self.decoder = nn.ModuleList([_stage(2 * w[i], w[i], p[i]) for i in reversed(range(4))])
         self.head = nn.Conv2d(w[0], num_classes, 1)
 
-    def encoder_modules(self) -> list[nn.Module]:
-        return [self.encoder, self.bottleneck]
-
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
-        skips = []
-        for i, stage in enumerate(self.encoder):
-            x = stage(x if i == 0 else self.pool(x))
-            skips.append(x)
-        x = self.bottleneck(self.pool(x))
-        for k, (up, dec) in enumerate(zip(self.up, self.decoder, strict=True)):
-            x = up(x)
-            skip = skips[-1 - k]
-            if self.gates is not None:
-                skip = self.gates[k](x, skip)
-            x = dec(torch.cat((skip, x), dim=1))
-        return self.head(x)
+        x, skips = self.encode(x)
+        return self.head(self.decode(x, skips, gates=self.gates)[-1])
 
 
 @register_model(

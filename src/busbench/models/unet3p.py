@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from busbench.models.base import SegModel
+from busbench.models.base import PooledUNet
 from busbench.models.blocks import DoubleConv, check_base_width, conv_bn_act, resize_to, supervised_outputs
 from busbench.models.registry import register_model
 
@@ -49,7 +49,7 @@ class FullScaleStage(nn.Module):
         return self.fuse(torch.cat(parts, dim=1))
 
 
-class UNet3Plus(SegModel):
+class UNet3Plus(PooledUNet):
     size_multiple = 16
 
     def __init__(
@@ -79,17 +79,11 @@ class UNet3Plus(SegModel):
             else None
         )
 
-    def encoder_modules(self) -> list[nn.Module]:
-        return [self.encoder, self.bottleneck]
-
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         self._check(x)
         size = x.shape[-2:]
-        feats = []
-        for i, stage in enumerate(self.encoder):
-            x = stage(x if i == 0 else self.pool(x))
-            feats.append(x)
-        feats.append(self.bottleneck(self.pool(x)))
+        bottom, feats = self.encode(x)
+        feats.append(bottom)
         # decoded[l] is decoder level l; level 4 is the bottleneck itself
         decoded: list[Tensor] = [feats[4]] * LEVELS
         for stage in self.stages:  # levels 3, 2, 1, 0

@@ -14,17 +14,16 @@ In eval mode it returns ``main`` only.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from busbench.models.base import SegModel
+from busbench.models.base import PooledUNet
 from busbench.models.blocks import DoubleConv, UpConv, check_base_width, resize_to
 from busbench.models.registry import register_model
 
 DEPTH = 4
 
 
-class UNetDS(SegModel):
+class UNetDS(PooledUNet):
     size_multiple = 2**DEPTH
 
     def __init__(
@@ -45,23 +44,13 @@ class UNetDS(SegModel):
         self.decoder = nn.ModuleList([DoubleConv(2 * w[i], w[i]) for i in reversed(range(DEPTH))])
         self.heads = nn.ModuleList([nn.Conv2d(w[i], num_classes, 1) for i in reversed(range(DEPTH))])
 
-    def encoder_modules(self) -> list[nn.Module]:
-        return [self.encoder, self.bottleneck]
-
     def stage_logits(self, x: Tensor) -> list[Tensor]:
         """Logits of the four decoder stages at input resolution, finest first ``[main, aux_1, aux_2, aux_3]``."""
         self._check(x)
         size = x.shape[-2:]
-        skips = []
-        for i, stage in enumerate(self.encoder):
-            x = stage(x if i == 0 else self.pool(x))
-            skips.append(x)
-        x = self.bottleneck(self.pool(x))
-        outputs = []
-        for k, (up, dec, head) in enumerate(zip(self.up, self.decoder, self.heads, strict=True)):
-            x = dec(torch.cat((skips[-1 - k], up(x)), dim=1))
-            outputs.append(resize_to(head(x), size))
-        return outputs[::-1]
+        x, skips = self.encode(x)
+        stages = self.decode(x, skips)
+        return [resize_to(head(s), size) for head, s in zip(self.heads, stages, strict=True)][::-1]
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         outputs = self.stage_logits(x)
