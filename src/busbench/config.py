@@ -85,6 +85,7 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     name: str = "unet"
     params: dict[str, Any] = Field(default_factory=dict)
+    pretrained: bool = False
 
 
 class TaskConfig(_Section):

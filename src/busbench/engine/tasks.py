@@ -61,6 +61,7 @@ from busbench.methods.multitask import (
 )
 from busbench.metrics import per_class
 from busbench.models import create_model
+from busbench.models.weights import builder_params
 
 #: ``train.loss`` -> weight of cross-entropy in the multi-class loss (the rest is Dice)
 MULTICLASS_CE_WEIGHTS = {"bce": 1.0, "dice": 0.0}
@@ -152,7 +153,7 @@ class Task:
                 in_channels=cfg.data.channels,
                 num_classes=self.out_channels,
                 image_size=cfg.data.image_size,
-                **cfg.model.params,
+                **builder_params(cfg.model.name, cfg.model.params, cfg.model.pretrained),
             )
         except ModelError as exc:
             if self.out_channels == 1:

@@ -30,10 +30,11 @@ from torch import Tensor, nn
 from busbench.errors import ModelError
 from busbench.models.base import SegModel
 from busbench.models.registry import register_model
-from busbench.models.weights import load_pretrained
+from busbench.models.weights import PRETRAINED, load_pretrained, load_published
 
 PATCH = 4
 SIZE_MULTIPLE = 32
+IGNORED = ("head.",)  # the ImageNet classifier
 
 
 class PatchExpand(nn.Module):
@@ -192,8 +193,9 @@ def build_swinunet(
     window_size: int = 7,
     drop_path_rate: float = 0.1,
 ) -> SwinUNet:
-    """Build Swin-Unet; ``weights`` (a file path or timm tag, e.g. ``swin_tiny_patch4_window7_224.ms_in1k``) is
-    loaded into the Swin encoder."""
+    """Build Swin-Unet; ``weights`` (``pretrained``: the ImageNet-1k Swin-T, see
+    :func:`busbench.models.weights.load_published`; a file path; or a timm tag) is loaded into the Swin encoder,
+    the checkpoint's classifier ignored."""
     model = SwinUNet(
         in_channels,
         num_classes,
@@ -205,6 +207,8 @@ def build_swinunet(
         window_size=window_size,
         drop_path_rate=drop_path_rate,
     )
-    if weights:
-        load_pretrained(model.encoder, weights, in_channels)
+    if weights == PRETRAINED:
+        load_published("swinunet", model.encoder, in_channels, ignore=IGNORED)
+    elif weights:
+        load_pretrained(model.encoder, weights, in_channels, ignore=IGNORED)
     return model

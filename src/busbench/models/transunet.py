@@ -26,10 +26,11 @@ from torch.nn import functional as F
 from busbench.errors import ModelError
 from busbench.models.base import SegModel
 from busbench.models.registry import register_model
-from busbench.models.weights import load_pretrained
+from busbench.models.weights import PRETRAINED, load_pretrained, load_published
 
 PATCH = 16
 SKIP_CHANNELS = (512, 256, 64, 0)  # ResNet features at 1/8, 1/4, 1/2; the last upsampling block has none
+IGNORED = ("cls_token",)  # ImageNet ViTs carry a class token; TransUNet's encoder has none
 
 
 class ConvBNReLU(nn.Sequential):
@@ -148,11 +149,14 @@ def build_transunet(
     vit_depth: int = 12,
     decoder_channels: Sequence[int] = (256, 128, 64, 16),
 ) -> TransUNet:
-    """Build TransUNet; ``weights`` (a file path or timm tag, e.g. ``vit_base_r50_s16_224.orig_in21k``) is
-    loaded into the R50+ViT encoder with position embeddings resampled to this image size."""
+    """Build TransUNet; ``weights`` (``pretrained``: the paper's ImageNet-21k R50+ViT-B/16, see
+    :func:`busbench.models.weights.load_published`; a file path; or a timm tag) is loaded into the R50+ViT encoder
+    with position embeddings resampled to this image size and the checkpoint's class token ignored."""
     model = TransUNet(
         in_channels, num_classes, image_size, vit_depth=vit_depth, decoder_channels=decoder_channels
     )
-    if weights:
-        load_pretrained(model.encoder, weights, in_channels)
+    if weights == PRETRAINED:
+        load_published("transunet", model.encoder, in_channels, ignore=IGNORED)
+    elif weights:
+        load_pretrained(model.encoder, weights, in_channels, ignore=IGNORED)
     return model

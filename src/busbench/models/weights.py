@@ -16,15 +16,26 @@ Checkpoints rarely match the target exactly, so loading is lenient and reports w
   activations the pretrained network had on that image (a mean would scale them by 1/3). The other way round
   (grey checkpoint, RGB model) repeats the kernel and divides by 3, which keeps the same property;
 - absolute position embeddings (``*pos_embed``) are resampled to the target's patch grid (dropping a class token
-  the target does not have), so ViT weights trained at 224 px load into a model built for another size;
-- tensors whose shapes still differ are skipped and listed, as are missing and unexpected keys.
+  the target does not have), so ViT weights trained at 224 px load into a model built for another size; Swin
+  relative position bias tables are resampled to the target's window in the same way;
+- tensors whose shapes still differ are skipped and listed, as are missing and unexpected keys;
+- keys the caller names as not part of the target (a classifier head, a class token) are set aside as *ignored*
+  rather than reported as unexpected.
+
+``weights: pretrained`` in a builder means the weights the model's paper initialises its encoder with, named by a
+timm tag (:data:`PUBLISHED`). :func:`load_published` reads them from ``<weights folder>/<tag>.safetensors`` (or
+``.pth`` / ``.pt`` / ``.bin``) when that file exists, where the weights folder is ``$BUSBENCH_WEIGHTS`` or
+``./weights``, and otherwise fetches the tag through timm. Offline without the file, the error names the URL to fetch
+and the exact path to save it as.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import pickle
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +51,15 @@ FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 CONTAINER_KEYS = ("state_dict", "model_state_dict", "model_state", "model")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 NO_INTERNET = "no internet: download the weights and set model.params.weights to a local file path"
+PRETRAINED = "pretrained"  # model.params.weights value meaning the model's published weights
+WEIGHTS_ENV = "BUSBENCH_WEIGHTS"
+DEFAULT_WEIGHTS_DIR = "weights"
+LOCAL_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+# model -> (timm tag of the encoder weights its paper starts from, what they are)
+PUBLISHED: dict[str, tuple[str, str]] = {
+    "transunet": ("vit_base_r50_s16_224.orig_in21k", "R50+ViT-B/16 trained on ImageNet-21k"),
+    "swinunet": ("swin_tiny_patch4_window7_224.ms_in1k", "Swin-T trained on ImageNet-1k"),
+}
 
 
 @dataclass
@@ -52,31 +72,47 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)  # in the checkpoint, absent from the target
     adapted: list[str] = field(default_factory=list)  # loaded after changing input channels or grid size
     mismatched: list[str] = field(default_factory=list)  # "key: checkpoint shape vs model shape", not loaded
+    ignored: list[str] = field(default_factory=list)  # checkpoint keys the caller declared as not in the target
 
     def summary(self) -> str:
         return (
             f"weights {self.source}: loaded {len(self.loaded)} tensors ({len(self.adapted)} adapted), "
             f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, {len(self.mismatched)} shape mismatches"
+            + (f", {len(self.ignored)} ignored" if self.ignored else "")
         )
 
 
 def load_pretrained(
-    model_or_module: nn.Module, source: str | Path, in_channels: int, strict: bool = False
+    model_or_module: nn.Module,
+    source: str | Path,
+    in_channels: int,
+    strict: bool = False,
+    ignore: tuple[str, ...] = (),
 ) -> LoadReport:
     """Load ``source`` into ``model_or_module`` in place and report matches; see the module docstring.
 
     ``in_channels`` is the channel count the target takes (1 or 3); first-convolution kernels are adapted to it.
+    Checkpoint keys starting with a prefix in ``ignore`` that the target lacks are listed as ignored.
     Raises :class:`ModelError` if the source cannot be read or fetched, if no tensor matches, or, with
     ``strict=True``, if anything is missing, unexpected or mismatched.
     """
-    source_text = str(source)
-    checkpoint = read_state_dict(source)
+    return _load_state(model_or_module, read_state_dict(source), str(source), in_channels, strict, ignore)
+
+
+def _load_state(
+    model_or_module: nn.Module,
+    checkpoint: Mapping[str, Tensor],
+    source_text: str,
+    in_channels: int,
+    strict: bool,
+    ignore: tuple[str, ...],
+) -> LoadReport:
     report = LoadReport(source_text)
     target = model_or_module.state_dict()
     new_values: dict[str, Tensor] = {}
     for key, value in checkpoint.items():
         if key not in target:
-            report.unexpected.append(key)
+            (report.ignored if key.startswith(ignore) else report.unexpected).append(key)
             continue
         expected = target[key]
         if value.shape == expected.shape:
@@ -85,6 +121,8 @@ def load_pretrained(
         fitted = _fit_input_channels(value, expected, in_channels)
         if fitted is None and key.endswith("pos_embed"):
             fitted = _resample_pos_embed(value, expected)
+        if fitted is None and key.endswith("relative_position_bias_table"):
+            fitted = _resample_rel_pos_bias(value, expected)
         if fitted is None:
             report.mismatched.append(f"{key}: {tuple(value.shape)} vs {tuple(expected.shape)}")
         else:
@@ -93,6 +131,7 @@ def load_pretrained(
     report.loaded = sorted(new_values)
     report.missing = sorted(k for k in target if k not in checkpoint)
     report.unexpected.sort()
+    report.ignored.sort()
     report.adapted.sort()
     report.mismatched.sort()
     if not new_values:
@@ -117,6 +156,79 @@ def load_pretrained(
     else:
         log.info(report.summary())
     return report
+
+
+def weights_dir() -> Path:
+    """The folder searched for published weights: ``$BUSBENCH_WEIGHTS``, else ``./weights``."""
+    return Path(os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS_DIR).expanduser()
+
+
+def local_published_file(tag: str) -> Path | None:
+    """``<weights folder>/<tag><suffix>`` for the first suffix in :data:`LOCAL_SUFFIXES` that exists, else None."""
+    folder = weights_dir()
+    return next((folder / f"{tag}{s}" for s in LOCAL_SUFFIXES if (folder / f"{tag}{s}").is_file()), None)
+
+
+def download_url(tag: str) -> str:
+    """Where a timm tag's weights can be downloaded by hand (its Hugging Face file, else timm's own URL)."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(tag)
+    if cfg is not None and cfg.hf_hub_id:
+        return f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/{cfg.hf_hub_filename or 'model.safetensors'}"
+    if cfg is not None and cfg.url:
+        return str(cfg.url)
+    return f"https://huggingface.co/timm/{tag}"
+
+
+def load_published(
+    model_name: str, module: nn.Module, in_channels: int, ignore: tuple[str, ...] = ()
+) -> LoadReport:
+    """Load the encoder weights ``model_name``'s paper starts from (:data:`PUBLISHED`) into ``module``.
+
+    A local file in :func:`weights_dir` wins over fetching the tag; offline without it, a :class:`ModelError`
+    names the file to fetch and the path to save it as.
+    """
+    tag, what = PUBLISHED[model_name]
+    local = local_published_file(tag)
+    if local is not None:
+        return load_pretrained(module, local, in_channels, ignore=ignore)
+    try:
+        checkpoint = _normalise(_fetch_tag(tag), tag)
+    except ModelError as exc:
+        target = (weights_dir() / f"{tag}.safetensors").resolve()
+        raise ModelError(
+            f"{model_name}: model.params.weights={PRETRAINED} needs {what} ({tag}), which is neither in "
+            f"{target.parent} nor downloadable here ({exc}). Fetch {download_url(tag)} and save it as {target} "
+            f"(or set {WEIGHTS_ENV} to the folder holding it); to train from scratch, set model.params.weights "
+            "to null (configs/experiments/benchmark_vit_from_scratch.yaml)"
+        ) from None
+    return _load_state(module, checkpoint, tag, in_channels, False, ignore)
+
+
+def builder_params(model_name: str, params: Mapping[str, object], pretrained: bool) -> dict[str, object]:
+    """``model.params`` for building ``model_name``; with ``model.pretrained`` on, ``weights: pretrained`` is added
+    for models with published weights (:data:`PUBLISHED`) unless ``model.params.weights`` already names some.
+
+    Models that load other pretrained encoders through their own options (the smp family) are refused, so that
+    ``model.pretrained`` never leaves a network silently random; the others are built as their params say.
+    """
+    params = dict(params)
+    if not pretrained:
+        return params
+    if model_name in PUBLISHED:
+        if params.get("weights") is None:
+            params["weights"] = PRETRAINED
+        return params
+    from busbench.models.registry import get_spec
+
+    if get_spec(model_name).pretrained:
+        raise ModelError(
+            f"model.pretrained=true: busbench has no published weights for {model_name}; set its pretrained "
+            "encoder in model.params (e.g. model.params.encoder_weights) and model.pretrained=false"
+        )
+    log.info("model.pretrained: %s has no pretrained weights in busbench and is built from scratch", model_name)
+    return params
 
 
 def read_state_dict(source: str | Path) -> dict[str, Tensor]:
@@ -242,6 +354,22 @@ def _resample_pos_embed(value: Tensor, expected: Tensor) -> Tensor | None:
     )
     grid_part = resampled[:, prefix_src:]
     return torch.cat([resampled[:, :prefix_dst], grid_part], dim=1)
+
+
+def _resample_rel_pos_bias(value: Tensor, expected: Tensor) -> Tensor | None:
+    """Swin relative position bias ``((2w-1)^2, heads)`` resampled to the target's window (timm shrinks the window
+    of stages smaller than it, e.g. at input sizes below 224)."""
+    if value.ndim != 2 or expected.ndim != 2 or value.shape[1] != expected.shape[1]:
+        return None
+    side = math.isqrt(expected.shape[0])
+    if side * side != expected.shape[0] or side % 2 == 0 or math.isqrt(value.shape[0]) ** 2 != value.shape[0]:
+        return None
+    from timm.layers import resize_rel_pos_bias_table
+
+    window = (side + 1) // 2
+    with warnings.catch_warnings():  # timm's interpolation warns about its own indexing
+        warnings.simplefilter("ignore", UserWarning)
+        return resize_rel_pos_bias_table(value.float(), (window, window), tuple(expected.shape))
 
 
 def _square_split(tokens: int) -> tuple[int, int] | None:
