@@ -27,10 +27,17 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from busbench import plugins
 from busbench.atomic import atomic_write_text
 from busbench.errors import ConfigError
 
-DATASET_KEYS = ("busi", "curated_busi", "busbra", "bus_uc", "bus_uclm", "yap2018")
+BUILTIN_DATASET_KEYS = ("busi", "curated_busi", "busbra", "bus_uc", "bus_uclm", "yap2018")
+"""Keys of the datasets busbench ships adapters for. Configs accept these, the keys of plugin adapters and every
+dataset prepared under the data root (see :func:`known_dataset_keys`)."""
+DATASET_KEYS = BUILTIN_DATASET_KEYS  # the built-in keys only; check a key with dataset_key_problem()
+DATA_ENV = "BUSBENCH_DATA"
+DEFAULT_DATA_ROOT = "data"
+_DATASET_KEY = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -66,15 +73,14 @@ class DataConfig(_Section):
 
     @field_validator("dataset")
     @classmethod
-    def _known(cls, v: str | list[str]) -> str | list[str]:
+    def _well_formed(cls, v: str | list[str]) -> str | list[str]:
+        """Known keys are checked by :func:`validate` (they depend on plugins and on ``data_root``)."""
         keys = [v] if isinstance(v, str) else v
         if not keys:
             raise ValueError("needs at least one dataset key")
         for key in keys:
-            if key not in DATASET_KEYS:
-                close = difflib.get_close_matches(key, DATASET_KEYS, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"unknown dataset {key!r}{hint}; valid keys: {', '.join(DATASET_KEYS)}")
+            if not _DATASET_KEY.match(key):
+                raise ValueError(f"dataset key {key!r} must be lower-case letters, digits and '_'")
         return v
 
     @property
@@ -327,8 +333,12 @@ def _describe(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-def validate(data: dict[str, Any], source: str = "config") -> Config:
-    """Check a merged mapping against the schema; one ConfigError listing every problem by full key path."""
+def validate(data: dict[str, Any], source: str = "config", *, check_datasets: bool = True) -> Config:
+    """Check a merged mapping against the schema; one ConfigError listing every problem by full key path.
+
+    ``check_datasets`` also checks that each ``data.dataset`` key is known (:func:`known_dataset_keys`); a run's
+    saved config is read without that check, so results stay readable where the data is not.
+    """
     problems = _unknown_keys(data, Config)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
@@ -343,6 +353,12 @@ def validate(data: dict[str, Any], source: str = "config") -> Config:
             msgs.append(f"config key '{path}' {msg} (got {value!r})")
         raise ConfigError(f"{source}: " + "; ".join(msgs)) from None
     problems = method_conflicts(cfg)
+    if check_datasets:
+        problems = [
+            f"config key 'data.dataset' {p}"
+            for key in cfg.data.datasets
+            if (p := dataset_key_problem(key, cfg.data.data_root))
+        ] + problems
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
     return cfg
@@ -395,5 +411,51 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 
 def config_from_file(path: str | os.PathLike) -> Config:
-    """Load an already resolved config (e.g. a run's config.yaml) without composing defaults."""
-    return validate(read_yaml(path), source=str(path))
+    """Load an already resolved config (e.g. a run's config.yaml) without composing defaults.
+
+    Its dataset keys are not looked up: the run's data may live on another machine.
+    """
+    return validate(read_yaml(path), source=str(path), check_datasets=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dataset keys
+
+
+def manifest_dir_of(data_root: str | os.PathLike | None = None) -> Path:
+    """``<data root>/manifests``, the data root being ``data_root``, else ``$BUSBENCH_DATA``, else ``data``."""
+    base = data_root if data_root is not None else os.environ.get(DATA_ENV) or DEFAULT_DATA_ROOT
+    return Path(base) / "manifests"
+
+
+def known_dataset_keys(data_root: str | os.PathLike | None = None) -> dict[str, str]:
+    """Every dataset key a config may name, sorted, with where it comes from.
+
+    ``busbench`` for the built-in datasets, ``plugin <module> (...)`` for adapters registered by plugins
+    (:mod:`busbench.plugins`, imported here), and ``prepared`` for a manifest ``<key>.csv`` under the data
+    root's ``manifests/`` folder (e.g. a ``--layout folder`` dataset).
+    """
+    plugins.load_plugins()
+    keys = {key: plugins.BUILTIN_SOURCE for key in BUILTIN_DATASET_KEYS}
+    for key, source in plugins.dataset_sources().items():
+        keys.setdefault(key, source)
+    folder = manifest_dir_of(data_root)
+    if folder.is_dir():
+        for path in folder.glob("*.csv"):
+            if _DATASET_KEY.match(path.stem):
+                keys.setdefault(path.stem, "prepared")
+    return dict(sorted(keys.items()))
+
+
+def dataset_key_problem(key: str, data_root: str | os.PathLike | None = None) -> str | None:
+    """Why ``key`` names no dataset here (with a did-you-mean and how to prepare a new one), or None."""
+    known = known_dataset_keys(data_root)
+    if key in known:
+        return None
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return (
+        f"unknown dataset {key!r}{hint}; valid keys: {', '.join(known)} (built-in, plugin, or prepared under "
+        f"{manifest_dir_of(data_root)}); a dataset of your own is prepared with busbench prepare --layout folder "
+        "--key NAME --dataset-dir DIR"
+    )

@@ -99,3 +99,14 @@ YAP_XLSX = "DatasetB.xlsx"
 YAP_SHEET = "Hoja1"
 YAP_NAME_RE = re.compile(r"^(?P<n>\d{6})\.png$")
 YAP_REQUIRED: tuple[str, ...] = ("Image", "Type")
+
+# Generic folder layout (``busbench prepare --layout folder --key NAME``): DIR/{images/, masks/, meta.csv}.
+FOLDER_IMAGE_DIR = "images"
+FOLDER_MASK_DIR = "masks"
+FOLDER_META = "meta.csv"
+FOLDER_META_REQUIRED: tuple[str, ...] = ("sample_id", "patient_id", "label")
+FOLDER_IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+FOLDER_MASK_SUFFIXES: tuple[str, ...] = (".png", ".bmp", ".tif", ".tiff")  # lossless only
+FOLDER_LESION = 255
+"""Mask value of a lesion pixel whose class is the image's label (binary masks: 0 background, 255 lesion); class
+maps use the manifest's class-map values instead (0 background, 1 benign, 2 malignant)."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from busbench import plugins
 from busbench.errors import ModelError
 
 # Family modules imported on first use, so that registering a model is adding a module to this list.
@@ -42,6 +43,7 @@ class ModelSpec:
     paper: str
     input_sizes: str  # human-readable rule, e.g. "multiple of 16" or "224 only"
     pretrained: bool  # whether pretrained weights can be loaded
+    source: str = plugins.BUILTIN_SOURCE  # "busbench" or "plugin <module> (<where it was declared>)"
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -49,12 +51,19 @@ _loaded = False
 
 
 def register_model(name: str, *, paper: str, input_sizes: str, pretrained: bool = False):
-    """Decorator registering ``builder(in_channels, num_classes, image_size, **kwargs) -> nn.Module``."""
+    """Decorator registering ``builder(in_channels, num_classes, image_size, **kwargs) -> nn.Module``.
+
+    Plugin modules (:mod:`busbench.plugins`) use it the same way; the spec records where the builder comes from.
+    """
 
     def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY:
-            raise RuntimeError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelSpec(name, builder, paper, input_sizes, pretrained)
+        source = plugins.source_of(builder.__module__)
+        if name in _REGISTRY and _REGISTRY[name].builder is not builder:
+            raise ModelError(
+                f"model {name!r} from {source} is already registered by {_REGISTRY[name].source}; register it "
+                "under another name"
+            )
+        _REGISTRY[name] = ModelSpec(name, builder, paper, input_sizes, pretrained, source)
         return builder
 
     return decorate
@@ -70,6 +79,7 @@ def _load_families() -> None:
         except ModuleNotFoundError as exc:
             if exc.name != module:
                 raise
+    plugins.load_plugins()
     _loaded = True
 
 

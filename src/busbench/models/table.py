@@ -1,9 +1,10 @@
-"""``busbench models``: the registered models with their parameter count and GMACs.
+"""``busbench models``: the registered models with their parameter count, GMACs and source.
 
 Each model is built with its default settings for a 1-channel input and one output channel, the setting of the
 published reference numbers; MACs are counted on one ``1 x 1 x size x size`` forward pass (see
 :mod:`busbench.models.cost`). Models that cannot be built at that size (fixed input sizes, required options) are
-listed with the reason instead of numbers.
+listed with the reason instead of numbers. Models from plugins (:mod:`busbench.plugins`) are listed like the
+built-in ones, with the plugin module as their source.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from busbench.errors import ModelError
 from busbench.models.cost import count_macs, count_params
 from busbench.models.registry import create_model, get_spec, list_models
 
-COLUMNS = ("key", "paper", "params_m", "gmacs", "input_sizes", "pretrained", "note")
+COLUMNS = ("key", "paper", "params_m", "gmacs", "input_sizes", "pretrained", "source", "note")
 HEADERS = {
     "key": "model",
     "paper": "paper",
@@ -26,6 +27,7 @@ HEADERS = {
     "gmacs": "GMACs",
     "input_sizes": "input sizes",
     "pretrained": "pretrained",
+    "source": "source",
     "note": "note",
 }
 
@@ -45,7 +47,8 @@ def select_models(names: list[str] | None) -> list[str]:
 
 
 def models_table(names: list[str] | None = None, size: int = 224) -> list[dict]:
-    """One row per model: key, paper, params_m, gmacs (at ``1 x 1 x size x size``), input_sizes, pretrained, note.
+    """One row per model: key, paper, params_m, gmacs (at ``1 x 1 x size x size``), input_sizes, pretrained,
+    source (``busbench``, or the plugin module that registered it) and note.
 
     ``params_m`` and ``gmacs`` are ``None`` (and ``note`` says why) for models that cannot be built at ``size``
     with their defaults.
@@ -60,6 +63,7 @@ def models_table(names: list[str] | None = None, size: int = 224) -> list[dict]:
             "gmacs": None,
             "input_sizes": spec.input_sizes,
             "pretrained": spec.pretrained,
+            "source": spec.source,
             "note": "",
         }
         try:

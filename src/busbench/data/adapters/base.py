@@ -24,6 +24,7 @@ import importlib
 import inspect
 import io
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
+from busbench import plugins
 from busbench.errors import ConfigError, DataError
 
 LABELS: tuple[str, ...] = ("normal", "benign", "malignant")
@@ -303,22 +305,27 @@ _SEPARATORS = {";": "';'", ",": "','", "\t": "tab", "|": "'|'"}
 
 
 def read_table(
-    path: Path, delimiter: str, required: tuple[str, ...], encoding: str = "utf-8-sig"
+    path: Path,
+    delimiter: str,
+    required: tuple[str, ...],
+    encoding: str = "utf-8-sig",
+    fix: str = "restore the original file",
 ) -> list[dict[str, str]]:
     """Rows of a delimited metadata table as dicts of stripped strings, with one clear error per problem.
 
     Checks the separator (a header without ``delimiter`` but with another common one is a wrong separator) and
-    the required columns. A UTF-8 BOM is accepted whether or not the real file has one.
+    the required columns. A UTF-8 BOM is accepted whether or not the real file has one. ``fix`` ends the
+    messages about the file's content (a public dataset's table is restored; a user's own table is corrected).
     """
     try:
         text = path.read_bytes().decode(encoding)
     except FileNotFoundError:
         raise DataError(f"{path}: metadata file not found; restore it from the original archive") from None
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc}); restore the original file") from None
+        raise DataError(f"{path}: not UTF-8 text ({exc}); {fix}") from None
     lines = text.splitlines()
     if not lines or not lines[0].strip():
-        raise DataError(f"{path}: empty metadata file; restore the original file")
+        raise DataError(f"{path}: empty metadata file; {fix}")
     header = lines[0]
     if delimiter not in header:
         found = next((name for d, name in _SEPARATORS.items() if d != delimiter and d in header), None)
@@ -331,8 +338,7 @@ def read_table(
     missing = [c for c in required if c not in columns]
     if missing:
         raise DataError(
-            f"{path}: missing column(s) {', '.join(missing)} (header has {', '.join(columns)}); "
-            "restore the original file"
+            f"{path}: missing column(s) {', '.join(missing)} (header has {', '.join(columns)}); {fix}"
         )
     rows = []
     for raw in reader:
@@ -374,17 +380,18 @@ def check_utf8_path(path: Path, what: str) -> None:
         )
 
 
-def list_files(folder: Path, suffix: str = ".png") -> list[Path]:
-    """Sorted files with ``suffix`` (case-insensitive) in ``folder``, hidden files skipped.
+def list_files(folder: Path, suffix: str | tuple[str, ...] = ".png") -> list[Path]:
+    """Sorted files with ``suffix`` (one or a tuple, case-insensitive) in ``folder``, hidden files skipped.
 
     A listed file whose name is not valid UTF-8 raises DataError naming it (it could not be written to a manifest).
     """
     if not folder.is_dir():
         return []
+    suffixes = (suffix,) if isinstance(suffix, str) else suffix
     files = sorted(
         p
         for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() == suffix
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes
     )
     for path in files:
         check_utf8_path(path, "file")
@@ -405,21 +412,50 @@ DATASET_MODULES: tuple[str, ...] = (
 )
 
 
+DATASET_KEY = re.compile(r"^[a-z0-9][a-z0-9_]*$")
+"""What a dataset key may look like: it names files, folders and ``--option KEY.NAME=VALUE`` prefixes."""
+
+
+def check_dataset_key(key: str, what: str = "dataset key") -> str:
+    """``key`` when it is a usable dataset key (lower-case letters, digits, '_'), else DataError."""
+    if not isinstance(key, str) or not DATASET_KEY.match(key):
+        raise DataError(
+            f"{what} {key!r} is not usable: use lower-case letters, digits and '_' (e.g. hospital_a), starting with "
+            "a letter or digit"
+        )
+    return key
+
+
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
-    """Class decorator registering an adapter under its ``key``."""
+    """Class decorator registering an adapter under its ``key``; plugin modules use it the same way.
+
+    The adapter's source (busbench or the plugin module) is recorded for messages.
+    """
     if not cls.key or not cls.folder:
         raise RuntimeError(f"adapter {cls.__name__} must set key and folder")
+    check_dataset_key(cls.key, f"adapter {cls.__name__}: dataset key")
     if cls.key in ADAPTERS and ADAPTERS[cls.key] is not cls:
-        raise RuntimeError(f"dataset key {cls.key!r} registered twice")
+        first = plugins.source_of(ADAPTERS[cls.key].__module__)
+        raise ConfigError(
+            f"dataset key {cls.key!r} of {cls.__module__}.{cls.__name__} is already registered by {first}; "
+            "give the adapter another key"
+        )
     ADAPTERS[cls.key] = cls
+    plugins.record_dataset(cls.key, cls.__module__)
     return cls
 
 
 def load_adapters() -> dict[str, type[Adapter]]:
-    """Import every dataset module and return the registry."""
+    """Import every built-in dataset module and every plugin (see :mod:`busbench.plugins`); return the registry."""
     for module in DATASET_MODULES:
         importlib.import_module(module)
+    plugins.load_plugins()
     return ADAPTERS
+
+
+def adapter_source(key: str) -> str:
+    """Where the adapter registered under ``key`` comes from: ``busbench`` or ``plugin <module> (...)``."""
+    return plugins.source_of(load_adapters()[key].__module__)
 
 
 def dataset_keys() -> list[str]:
@@ -427,28 +463,72 @@ def dataset_keys() -> list[str]:
     return sorted(load_adapters())
 
 
-def get_adapter(key: str, **options: Any) -> Adapter:
-    """Build the adapter registered under ``key`` with its options.
+LAYOUTS: dict[str, type[Adapter]] = {}
+"""Generic layout name -> adapter class taking ``key`` as its first argument (``folder``: images/ + masks/)."""
 
-    Raises DataError for an unknown key (listing valid keys with a did-you-mean) and ConfigError for an
-    option the adapter does not take.
+LAYOUT_MODULES: tuple[str, ...] = ("busbench.data.adapters.folder",)
+
+
+def register_layout(name: str) -> Callable[[type[Adapter]], type[Adapter]]:
+    """Class decorator registering a generic layout: one adapter class serving any dataset key."""
+
+    def decorate(cls: type[Adapter]) -> type[Adapter]:
+        if name in LAYOUTS and LAYOUTS[name] is not cls:
+            raise ConfigError(f"layout {name!r} is already registered by {LAYOUTS[name].__module__}")
+        LAYOUTS[name] = cls
+        return cls
+
+    return decorate
+
+
+def layout_names() -> list[str]:
+    """Registered generic layouts (``folder`` and any from plugins), sorted."""
+    for module in LAYOUT_MODULES:
+        importlib.import_module(module)
+    plugins.load_plugins()
+    return sorted(LAYOUTS)
+
+
+def get_adapter(key: str, layout: str | None = None, **options: Any) -> Adapter:
+    """Build the adapter registered under ``key`` with its options, or a generic ``layout`` for a new key.
+
+    Raises DataError for an unknown key (listing valid keys with a did-you-mean, and how to prepare a new
+    one), for a ``layout`` key that clashes with a registered dataset, and ConfigError for an option the
+    adapter does not take.
     """
     registry = load_adapters()
+    if layout is not None:
+        layouts = layout_names()
+        if layout not in layouts:
+            raise DataError(f"unknown layout {layout!r}; valid layouts: {', '.join(layouts)}")
+        check_dataset_key(key)
+        if key in registry:
+            raise DataError(
+                f"dataset key {key!r} is already a registered dataset (from {adapter_source(key)}); give your "
+                f"{layout} dataset another key (e.g. --key {key}_local)"
+            )
+        return _build(LAYOUTS[layout], f"{layout} layout", options, key)
     if key not in registry:
         valid = sorted(registry)
         close = difflib.get_close_matches(str(key), valid, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise DataError(f"unknown dataset key {key!r}.{hint} Valid keys: {', '.join(valid)}")
-    cls = registry[key]
+        raise DataError(
+            f"unknown dataset key {key!r}.{hint} Valid keys: {', '.join(valid)}. A dataset of your own is "
+            "prepared with --layout folder --key NAME --dataset-dir DIR"
+        )
+    return _build(registry[key], f"dataset {key!r}", options)
+
+
+def _build(cls: type[Adapter], what: str, options: dict[str, Any], *args: Any) -> Adapter:
+    """``cls(*args, **options)`` after checking the option names against its constructor."""
     accepted = [
         name
         for name, p in inspect.signature(cls.__init__).parameters.items()
         if name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
+    accepted = accepted[len(args):]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         allowed = ", ".join(accepted) if accepted else "none"
-        raise ConfigError(
-            f"dataset {key!r} has no option {', '.join(map(repr, unknown))}; its options: {allowed}"
-        )
-    return cls(**options)
+        raise ConfigError(f"{what} has no option {', '.join(map(repr, unknown))}; its options: {allowed}")
+    return cls(*args, **options)
