@@ -38,6 +38,9 @@ DATASET_KEYS = BUILTIN_DATASET_KEYS  # the built-in keys only; check a key with 
 DATA_ENV = "BUSBENCH_DATA"
 DEFAULT_DATA_ROOT = "data"
 _DATASET_KEY = re.compile(r"^[a-z0-9][a-z0-9_]*$")
+# Datasets holding the same images under the same sample ids (Curated BUSI is BUSI minus near-duplicates); a key
+# not listed is its own family. busbench.data.leakage uses this to keep learned images out of every test.
+IMAGE_FAMILIES = {"busi": "busi", "curated_busi": "busi"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -352,7 +355,7 @@ def validate(data: dict[str, Any], source: str = "config", *, check_datasets: bo
             value = err.get("input")
             msgs.append(f"config key '{path}' {msg} (got {value!r})")
         raise ConfigError(f"{source}: " + "; ".join(msgs)) from None
-    problems = method_conflicts(cfg)
+    problems = dataset_conflicts(cfg) + method_conflicts(cfg)
     if check_datasets:
         problems = [
             f"config key 'data.dataset' {p}"
@@ -365,6 +368,19 @@ def validate(data: dict[str, Any], source: str = "config", *, check_datasets: bo
 
 
 # losses with a multi-class counterpart (cross-entropy for BCE, multi-class soft Dice for Dice)
+def dataset_conflicts(cfg: Config) -> list[str]:
+    """A union of datasets that hold the same images is refused: each one's test split would hold the other's
+    development images, and the validation folds would leak the same way."""
+    keys = cfg.data.datasets
+    shared = [k for k in keys if sum(IMAGE_FAMILIES.get(o, o) == IMAGE_FAMILIES.get(k, k) for o in keys) > 1]
+    if not shared:
+        return []
+    return [
+        f"data.dataset {'+'.join(keys)}: {' and '.join(shared)} share images (Curated BUSI is a subset of BUSI), "
+        "so a union would test on images it trained on; train on one of them, e.g. data.dataset=curated_busi"
+    ]
+
+
 _MULTICLASS_LOSSES = ("bce_dice", "bce", "dice")
 
 
@@ -387,6 +403,17 @@ def method_conflicts(cfg: Config) -> list[str]:
                 "set train.amp=bf16 or none"
             )
         if cfg.task.mode != "binary":
+    mask_threshold = cfg.model.params.get("mask_threshold", 0.5)
+    if (
+        cfg.model.name == "maskrcnn"
+        and isinstance(mask_threshold, int | float)
+        and cfg.eval.threshold < mask_threshold
+    ):
+        problems.append(
+            f"model maskrcnn zeroes instance-mask probabilities below model.params.mask_threshold "
+            f"({mask_threshold}), so eval.threshold={cfg.eval.threshold} would act as {mask_threshold}; set "
+            f"eval.threshold >= {mask_threshold}, or train with model.params.mask_threshold={cfg.eval.threshold}"
+        )
             problems.append(
                 f"train.strategy=adversarial_ds judges one-channel lesion masks, so task.mode must be binary "
                 f"(got {cfg.task.mode})"

@@ -14,8 +14,9 @@ import torch
 from engine_testdata import tiny_config
 from PIL import Image
 
+from busbench import cli
 from busbench.config import config_from_file, save_config
-from busbench.data.loader import build_test_dataset
+from busbench.data.loader import build_test_dataset, network_input
 from busbench.data.prepare import prepare
 from busbench.data.synth import synthesize
 from busbench.engine import checkpoint as ckpt
@@ -51,6 +52,12 @@ def fold_models(run: Path, n: int = 2) -> list[torch.nn.Module]:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
         models.append(model.eval())
     return models
+
+
+def content(a: np.ndarray, ds, i: int) -> np.ndarray:
+    """The letterbox content of a network-resolution array: what busbench scores at network resolution."""
+    g = ds.letterbox_info(i)
+    return a[g.pad_top : g.pad_top + g.content_hw[0], g.pad_left : g.pad_left + g.content_hw[1]]
 
 
 def numpy_scores(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
@@ -134,14 +141,24 @@ def test_ensemble_is_the_mean_of_fold_probabilities(evaluated, trained_run):
     with torch.inference_mode():
         for i in range(len(ds)):
             item = ds[i]
-            probs = [torch.sigmoid(m(item["image"][None]))[0, 0].numpy() for m in models]
-            gt = item["mask"][0].numpy() > 0.5
+            x = network_input(item["image"][None], cfg.data.normalize)
+            probs = [content(torch.sigmoid(m(x))[0, 0].numpy(), ds, i) for m in models]
+            gt = content(item["mask"][0].numpy() > 0.5, ds, i)
             sid = ds.rows["sample_id"][i]
-            dice, iou = numpy_scores(np.mean(probs, axis=0) >= 0.5, gt)
+            pred = np.mean(probs, axis=0) >= 0.5
+            dice, iou = numpy_scores(pred, gt)
             assert per_image.loc[sid, "dice"] == pytest.approx(dice, abs=1e-9)
             assert per_image.loc[sid, "iou"] == pytest.approx(iou, abs=1e-9)
             assert per_image.loc[sid, "gt_empty"] == (not gt.any())
             assert fold0.loc[sid, "dice"] == pytest.approx(numpy_scores(probs[0] >= 0.5, gt)[0], abs=1e-9)
+            # letterbox padding is not scored: no true negatives there, worst case = diagonal of the content
+            tn, fp = int((~pred & ~gt).sum()), int((pred & ~gt).sum())
+            assert per_image.loc[sid, "specificity"] == pytest.approx(tn / (tn + fp) if tn + fp else 1.0)
+            if per_image.loc[sid, "penalised"]:
+                assert per_image.loc[sid, "hd95"] == pytest.approx(math.hypot(*gt.shape))
+    assert (per_image["hd95"] <= math.hypot(32, 32)).all()
+    padded = [i for i in range(len(ds)) if ds.letterbox_info(i).content_hw != (32, 32)]
+    assert padded, "the synthetic images should not all be square"
 
 
 def test_tta_averages_the_flipped_prediction(trained_run, tmp_path):
@@ -153,12 +170,12 @@ def test_tta_averages_the_flipped_prediction(trained_run, tmp_path):
     per_image = pd.read_csv(run / "test" / "fold0_per_image.csv").set_index("sample_id")
     with torch.inference_mode():
         for i in range(len(ds)):
-            x = ds[i]["image"][None]
+            x = network_input(ds[i]["image"][None], cfg.data.normalize)
             prob = 0.5 * (
                 torch.sigmoid(model(x)) + torch.flip(torch.sigmoid(model(torch.flip(x, [-1]))), [-1])
             )
-            gt = ds[i]["mask"][0].numpy() > 0.5
-            expected = numpy_scores(prob[0, 0].numpy() >= 0.5, gt)[0]
+            gt = content(ds[i]["mask"][0].numpy() > 0.5, ds, i)
+            expected = numpy_scores(content(prob[0, 0].numpy(), ds, i) >= 0.5, gt)[0]
             assert per_image.loc[ds.rows["sample_id"][i], "dice"] == pytest.approx(expected, abs=1e-9)
     assert (pd.read_csv(run / "summary.csv")["tta"]).all()
 
@@ -268,3 +285,34 @@ def test_union_run_scores_each_test_split_separately(tmp_path):
         assert rows.set_index("fold").loc["ensemble", "dice"] == pytest.approx(scored["dice"].mean())
     board, _ = aggregate([tmp_path / "out"])
     assert sorted(pd.read_csv(board)["dataset"]) == ["busbra", "busi"]
+
+
+def test_per_image_files_carry_patient_and_group(evaluated, trained_run, synthetic_root):
+    manifest = pd.read_csv(synthetic_root / "manifests" / "busi.csv", dtype=str).set_index("sample_id")
+    per_image = pd.read_csv(trained_run / "test" / "ensemble_per_image.csv", dtype=str).set_index("sample_id")
+    for column in ("patient_id", "group_id"):
+        assert per_image[column].equals(manifest.loc[per_image.index, column])
+
+
+def test_tagged_test_with_device_and_cache_overrides_lives_beside_the_default(trained_run, evaluated, tmp_path):
+    """busbench test --set train.device=cpu data.cache=false eval.threshold=0.4 --tag NAME: runs, writes
+    test_NAME/ with its own summary, leaves the default results alone and records both thresholds."""
+    run = copy_run(trained_run, tmp_path / "run")
+    evaluate_run(run)
+    default = {p: p.read_bytes() for p in [run / "summary.csv", *sorted((run / "test").iterdir())]}
+    overrides = ["train.device=cpu", "data.cache=false", "eval.threshold=0.4"]
+    assert cli.main(["test", "--run", str(run), "--set", *overrides, "--tag", "t04"]) == 0
+    assert all(p.read_bytes() == data for p, data in default.items())
+    tagged = pd.read_csv(run / "test_t04" / "summary.csv")
+    assert (tagged["threshold"] == 0.4).all() and (tagged["image_size"] == 32).all()
+    assert (tagged["selection_threshold"] == 0.5).all()
+    assert sorted(p.name for p in (run / "test_t04").iterdir()) == [
+        "ensemble_per_image.csv",
+        "fold0_per_image.csv",
+        "fold1_per_image.csv",
+        "summary.csv",
+    ]
+    payload = ckpt.load_checkpoint(run / "fold0" / "checkpoint_best.pt")
+    assert payload["selection_threshold"] == 0.5
+    with pytest.raises(ConfigError, match="--tag"):
+        evaluate_run(run, tag="../x")

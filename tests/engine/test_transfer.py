@@ -6,6 +6,7 @@ test split and on the other's, giving a 2 x 2 matrix."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import yaml
 from engine_testdata import tiny_config
 
 from busbench import cli
+from busbench.data.manifest import manifest_sha256
 from busbench.data.prepare import prepare
 from busbench.data.synth import synthesize
 from busbench.engine.evaluate import PER_IMAGE_COLUMNS, evaluate_run
@@ -194,3 +196,85 @@ def test_union_run_reports_each_dataset(data_root, tmp_path):
         assert ensemble.loc[key, "dice"] == pytest.approx(rows["dice"].mean())
     # the union trained on BUSI's development images: those Curated BUSI test images are left out
     assert (run / "test_on_curated_busi" / "excluded.csv").is_file()
+
+
+@pytest.fixture(scope="module")
+def near_copy(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A copy of the data where BUSI test images X and Y are near-duplicates (one BUSI group, as the duplicate
+    detector links them), Curated BUSI kept only Y (in its development split) and X is not a Curated BUSI
+    development image; a run trained on Curated BUSI, and a run fine-tuned on BUSI from it."""
+    root = tmp_path_factory.mktemp("near_copy")
+    shutil.copytree(data_root, root / "data")
+    manifests = root / "data" / "manifests"
+    busi = pd.read_csv(manifests / "busi.csv", dtype=str, keep_default_na=False)
+    curated = pd.read_csv(manifests / "curated_busi.csv", dtype=str, keep_default_na=False)
+    curated_dev = set(curated.loc[curated["split"] == "dev", "sample_id"])
+    busi_test = set(busi.loc[busi["split"] == "test", "sample_id"])
+    x = sorted(busi_test - curated_dev)[0]
+    y = sorted(busi_test & curated_dev)[0]
+    busi.loc[busi["sample_id"] == x, "group_id"] = busi.loc[busi["sample_id"] == y, "group_id"].iloc[0]
+    busi.to_csv(manifests / "busi.csv", index=False, lineterminator="\n")
+    summary = json.loads((manifests / "busi.json").read_text())
+    summary["manifest_sha256"] = manifest_sha256(manifests / "busi.csv")
+    (manifests / "busi.json").write_text(json.dumps(summary))
+    out = root / "results"
+    train(tiny_config(root / "data", out, "data.dataset=curated_busi", "train.epochs=1"))
+    curated_run = out / "demo" / "curated_busi" / "unet"
+    train(
+        tiny_config(
+            root / "data",
+            out,
+            "experiment.name=ft",
+            "data.dataset=busi",
+            "train.epochs=1",
+            f"train.init_from={curated_run}",
+        )
+    )
+    return {"x": x, "y": y, "curated_run": curated_run, "ft_run": out / "ft" / "busi" / "unet", "root": root}
+
+
+def test_near_copies_of_training_images_are_never_scored(near_copy):
+    run = near_copy["curated_run"]
+    evaluate_run(run, dataset="busi")
+    excluded = pd.read_csv(run / "test_on_busi" / "excluded.csv")
+    reasons = excluded.set_index("sample_id")["reason"]
+    assert near_copy["x"] in reasons.index
+    assert f"development image curated_busi {near_copy['y']}" in reasons[near_copy["x"]]
+    for name in ("fold0", "fold1", "ensemble"):
+        scored = set(pd.read_csv(run / "test_on_busi" / f"{name}_per_image.csv")["sample_id"])
+        assert not scored & set(excluded["sample_id"])
+    summary = pd.read_csv(run / "test_on_busi" / "summary.csv")
+    assert (summary["n_excluded"] == len(excluded)).all()
+
+
+def test_fine_tuned_run_leaves_out_what_its_source_learned(near_copy):
+    """BUSI fine-tuned from a Curated BUSI run: its own BUSI test leaves out the source's development images."""
+    run = near_copy["ft_run"]
+    evaluate_run(run)
+    excluded = pd.read_csv(run / "test" / "excluded.csv")
+    curated = pd.read_csv(near_copy["root"] / "data" / "manifests" / "curated_busi.csv")
+    busi = pd.read_csv(near_copy["root"] / "data" / "manifests" / "busi.csv")
+    busi_test = set(busi.loc[busi["split"] == "test", "sample_id"])
+    learned = set(curated.loc[curated["split"] == "dev", "sample_id"]) & busi_test
+    assert learned | {near_copy["x"]} <= set(excluded["sample_id"])
+    scored = set(pd.read_csv(run / "test" / "ensemble_per_image.csv")["sample_id"])
+    assert scored == busi_test - set(excluded["sample_id"])
+
+
+def test_a_changed_manifest_of_the_training_data_is_refused(near_copy, tmp_path):
+    run = tmp_path / "curated" / "unet"
+    shutil.copytree(near_copy["curated_run"], run, ignore=shutil.ignore_patterns("test_on_*", ".lock"))
+    manifest = near_copy["root"] / "data" / "manifests" / "curated_busi.csv"
+    original = manifest.read_bytes()
+    try:
+        manifest.write_bytes(original.replace(b"\n", b"\r\n", 1))  # same rows, other bytes
+        with pytest.raises(DataError, match="curated_busi manifest .* changed since"):
+            evaluate_run(run, dataset="busi")
+    finally:
+        manifest.write_bytes(original)
+    assert not (run / "test_on_busi").exists()
+
+
+def test_unions_of_datasets_sharing_images_are_refused(data_root, tmp_path):
+    with pytest.raises(ConfigError, match="busi and curated_busi share images"):
+        tiny_config(data_root, tmp_path, "data.dataset=[busi, curated_busi]")

@@ -36,8 +36,11 @@ BEST = "checkpoint_best.pt"
 # invalidates a checkpoint nor calls for a new run directory.
 _NON_TRAINING_KEYS = {
     "experiment": ("description",),
-    "data": ("data_root", "num_workers"),
+    # data.cache only changes where pixels are read from (the cache holds the same preprocessed arrays) and
+    # train.device where the arithmetic runs: a run trained on a GPU can be tested on a laptop with the cache off
+    "data": ("data_root", "num_workers", "cache"),
     "task": ("refine",),  # multitask post-processing at inference
+    "train": ("device",),
     "eval": None,
     "output": None,
 }

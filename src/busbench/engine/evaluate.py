@@ -4,17 +4,28 @@ For a run directory ``<output.root>/<experiment>/<dataset>/<model>`` (holding th
 ``busbench train``) every fold's ``checkpoint_best.pt`` is loaded; each test batch is read once and passed through
 all fold models, and the ensemble is the mean of their foreground probabilities, thresholded at ``eval.threshold``.
 
-Metrics are the per-image metrics of :mod:`busbench.metrics` (reference §4), at the network's input resolution by
-default or, with ``eval.resolution=original``, at each image's own size: the probability map is mapped back
-through the letterbox (padding cropped, bilinear resize) and compared with the original mask. ``eval.tta``
-averages each model's prediction with that of the horizontally flipped image.
+Metrics are the per-image metrics of :mod:`busbench.metrics`, either at each image's own size
+(``eval.resolution=original``, the benchmark configs' setting: the probability map is mapped back through the
+letterbox - padding cropped, bilinear resize - and compared with the original mask, which is never resampled) or at
+the network's input resolution (``eval.resolution=network``, the schema default). At network resolution only the
+image content inside the letterbox is scored: the padding is cropped from prediction and ground truth first, so it
+never counts as true negatives (specificity) and the worst-case HD95 is the diagonal of the content, not of the
+padded square. ``eval.tta`` averages each model's prediction with that of the horizontally flipped image.
 
 Outputs, under the run directory:
 
-* ``test/fold<k>_per_image.csv`` and ``test/ensemble_per_image.csv``: one row per test image
-  (``sample_id, dataset_key, label, dice, iou, hd95, precision, recall, specificity, penalised, pred_empty, gt_empty``);
+* ``test/fold<k>_per_image.csv`` and ``test/ensemble_per_image.csv``: one row per test image, columns
+  :data:`PER_IMAGE_COLUMNS` (``patient_id`` and ``group_id`` from the manifest, for patient-aware statistics);
 * ``summary.csv``: per test dataset, one row per fold model, ``mean`` and ``std`` rows over the fold models
-  (sample standard deviation, ddof=1) and one ``ensemble`` row; columns listed in :data:`SUMMARY_COLUMNS`.
+  (sample standard deviation, ddof=1) and one ``ensemble`` row; columns listed in :data:`SUMMARY_COLUMNS`, among
+  them every setting the scores depend on (``image_size``, ``resolution``, ``hd95_mode``, ``tta``, ``threshold``)
+  and ``selection_threshold``, the threshold the validation Dice that chose each checkpoint was computed at;
+* ``test/excluded.csv``: test images left out because the run learned from them, or from a near-duplicate or the
+  same patient, through a dataset sharing images (:mod:`busbench.data.leakage`; e.g. a run fine-tuned from a
+  Curated BUSI run and tested on BUSI).
+
+``--tag NAME`` writes everything to ``test_NAME/`` instead (summary included), so results at other settings live
+beside the default ones; ``--dataset B`` writes to ``test_on_B/`` (:mod:`busbench.engine.results`).
 
 ``task.mode`` adds columns after these (:mod:`busbench.engine.tasks`): multiclass runs score the lesion mask
 ``1 - p(background) >= eval.threshold`` with the binary metrics and add per-class Dice, IoU and HD95 of each lesion
@@ -43,9 +54,10 @@ from tqdm import tqdm
 
 from busbench.atomic import atomic_write_text
 from busbench.config import Config, config_from_file, deep_merge, parse_override, validate
-from busbench.data.geometry import restore
+from busbench.data import leakage
+from busbench.data.geometry import LetterboxInfo, restore
 from busbench.engine import checkpoint as ckpt
-from busbench.engine import tasks
+from busbench.engine import results, tasks
 from busbench.engine.inference import amp_dtype, resolve_device
 from busbench.engine.runlog import LOG, ensure_console_logging
 from busbench.engine.train import CONFIG_FILE, DONE_FILE, build_model, sample_table
@@ -53,11 +65,12 @@ from busbench.errors import ConfigError, DataError, ModelError
 from busbench.locking import locked
 from busbench.metrics import per_image_batch, summarize
 from busbench.models.cost import count_macs, count_params
-from busbench.report import transfer
 
 PER_IMAGE_COLUMNS = (
     "sample_id",
     "dataset_key",
+    "patient_id",
+    "group_id",
     "label",
     "dice",
     "iou",
@@ -96,10 +109,13 @@ SUMMARY_COLUMNS = (
     "best_epoch",
     "best_val_dice",
     "train_seconds",
+    "image_size",
     "resolution",
     "hd95_mode",
     "tta",
     "threshold",
+    "selection_threshold",
+    "n_excluded",
     "manifest_sha256",
     "config_hash",
 )
@@ -154,9 +170,12 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config
     return validate(merged, source=f"{path} with --set")
 
 
-def _fold_checkpoints(run_dir: Path, cfg: Config) -> list[tuple[int, Path, dict[str, Any]]]:
+def _fold_checkpoints(
+    run_dir: Path, cfg: Config, folds: list[int] | None = None
+) -> list[tuple[int, Path, dict[str, Any]]]:
+    """Best checkpoint and done.json of every fold (or of ``folds``); a missing or unfinished one is an error."""
     missing, unfinished, found = [], [], []
-    for k in range(cfg.data.folds):
+    for k in range(cfg.data.folds) if folds is None else folds:
         fold_dir = run_dir / f"fold{k}"
         best = fold_dir / ckpt.BEST
         if not best.is_file():
@@ -202,27 +221,11 @@ def _load_models(
                 "fold": fold,
                 "best_epoch": int(payload["epoch"]),
                 "best_val_dice": float(payload["best_dice"]),
+                "selection_threshold": float(payload.get("selection_threshold", math.nan)),
                 "train_seconds": float(done.get("train_seconds", math.nan)),
             }
         )
     return models, meta
-
-
-def _trained_manifests(run_dir: Path, folds: list[int]) -> dict[str, str]:
-    """Manifest hashes the folds were trained on (from their run.json); all folds must agree."""
-    seen: dict[str, str] = {}
-    for k in folds:
-        path = run_dir / f"fold{k}" / "run.json"
-        if not path.is_file():
-            continue
-        hashes = json.loads(path.read_text(encoding="utf-8")).get("manifest_sha256", {}) or {}
-        for key, value in hashes.items():
-            if seen.setdefault(key, value) != value:
-                raise DataError(
-                    f"{run_dir}: folds were trained on different versions of the {key} manifest; retrain the run "
-                    "on one manifest (busbench train --no-resume)"
-                )
-    return seen
 
 
 class _Scorer:
@@ -247,6 +250,36 @@ class _Scorer:
             self.preds, self.gts = [], []
 
 
+def predict_batch(
+    cfg: Config, task: tasks.Task, models: list[nn.Module], images: torch.Tensor, device: torch.device
+) -> tasks.Prediction:
+    """Probabilities of every fold model and of their ensemble (last) on one batch, post-processed as scored.
+
+    The ensemble averages every probability (lesion, pixel classes, image classes) before post-processing
+    (multitask refinement); ``busbench test``, the overlay figures and ``busbench predict`` all go through here.
+    """
+    dtype = amp_dtype(device, cfg.train.amp)
+    predicted = task.predict(
+        models, images, device, dtype, tta=cfg.eval.tta, channels_last=cfg.train.channels_last
+    )
+    return task.finalize(predicted.with_ensemble(), cfg.eval.threshold)
+
+
+def content(array: np.ndarray, geometry: LetterboxInfo) -> np.ndarray:
+    """The image content of a network-resolution array ``(S, S, ...)``: the letterbox padding cropped."""
+    h, w = geometry.content_hw
+    return array[geometry.pad_top : geometry.pad_top + h, geometry.pad_left : geometry.pad_left + w]
+
+
+def id_table(ds: Any, indices: list[int]) -> pd.DataFrame:
+    """``sample_id, dataset_key, patient_id, group_id, label`` of dataset items ``indices``."""
+    ids = sample_table(ds, indices)
+    rows = ds.rows.iloc[list(indices)]
+    ids.insert(2, "patient_id", rows["patient_id"].astype(str).to_numpy())
+    ids.insert(3, "group_id", rows["group_id"].astype(str).to_numpy())
+    return ids
+
+
 def _score_dataset(
     cfg: Config, key: str, models: list[nn.Module], device: torch.device, trained_on: str | None
 ) -> tuple[list[pd.DataFrame], str]:
@@ -266,45 +299,49 @@ def _score_dataset(
         ds, cfg.eval.batch_size, shuffle=False, seed=0, num_workers=cfg.data.num_workers
     )
     e = cfg.eval
-    dtype = amp_dtype(device, cfg.train.amp)
     task = tasks.build_task(cfg)
     scorers = [_Scorer(cfg) for _ in range(len(models) + 1)]
     extras: list[list[dict[str, Any]]] = [[] for _ in scorers]  # task-specific columns (per-class, labels)
     indices: list[int] = []
     for batch in tqdm(dl, disable=None, leave=False, desc=f"test {key}"):
-        predicted = task.predict(
-            models, batch["image"], device, dtype, tta=e.tta, channels_last=cfg.train.channels_last
-        )
-        # the ensemble averages every probability (lesion, pixel classes, image classes) before post-processing
-        predicted = task.finalize(predicted.with_ensemble(), e.threshold)
+        predicted = predict_batch(cfg, task, models, batch["image"], device)
         probs = predicted.lesion.numpy()  # (n_models + 1, B, S, S)
         index = batch["index"].tolist()
         indices += index
         gt_net = batch["mask"][:, 0].numpy() >= 0.5
         gt_classes = batch["class_map"].numpy().astype(np.uint8)
         for j, i in enumerate(index):
+            geometry = ds.letterbox_info(i)
             if e.resolution == "original":
-                geometry = ds.letterbox_info(i)
                 gt = ds.original_mask(i)
                 gt_cls = tasks.original_class_map(ds, i) if task.needs_class_map else None
 
                 def back(a: np.ndarray, geometry=geometry, shape=gt.shape) -> np.ndarray:
                     return restore(a, geometry, shape)
 
-                for s, scorer in enumerate(scorers):
-                    scorer.add(back(probs[s, j]) >= e.threshold, gt)
-                    extras[s].append(task.image_columns(predicted, s, j, e.threshold, gt_cls, back))
             else:
-                for s, scorer in enumerate(scorers):
-                    scorer.add(probs[s, j] >= e.threshold, gt_net[j])
-                    extras[s].append(task.image_columns(predicted, s, j, e.threshold, gt_classes[j]))
-    ids = sample_table(ds, indices)
+                gt = content(gt_net[j], geometry)
+                gt_cls = content(gt_classes[j], geometry)
+
+                def back(a: np.ndarray, geometry=geometry) -> np.ndarray:
+                    return content(a, geometry)
+
+            for s, scorer in enumerate(scorers):
+                scorer.add(back(probs[s, j]) >= e.threshold, gt)
+                extras[s].append(task.image_columns(predicted, s, j, e.threshold, gt_cls, back))
+    ids = id_table(ds, indices)
     tables = []
     for scorer, extra in zip(scorers, extras, strict=True):
         scorer.flush()
         table = pd.concat([ids, pd.DataFrame(scorer.rows)], axis=1)[list(PER_IMAGE_COLUMNS)]
         tables.append(pd.concat([table, pd.DataFrame(extra, index=table.index)], axis=1))
     return tables, manifest
+
+
+def _one_value(values: pd.Series) -> float:
+    """The value all fold models share (NaN when they differ or none is known)."""
+    known = set(values.dropna().astype(float))
+    return known.pop() if len(known) == 1 else math.nan
 
 
 def _summary_rows(
@@ -314,6 +351,7 @@ def _summary_rows(
     meta: list[dict[str, Any]],
     cost: tuple[float, float],
     manifest: str,
+    n_excluded: int = 0,
 ) -> list[dict[str, Any]]:
     params_m, gmacs = cost
     common = {
@@ -321,10 +359,12 @@ def _summary_rows(
         "train_data": "+".join(cfg.data.datasets),
         "dataset": key,
         "model": cfg.model.name,
+        "image_size": cfg.data.image_size,
         "resolution": cfg.eval.resolution,
         "hd95_mode": cfg.eval.hd95_mode,
         "tta": cfg.eval.tta,
         "threshold": cfg.eval.threshold,
+        "n_excluded": n_excluded,
         "manifest_sha256": manifest,
         "config_hash": ckpt.training_hash(cfg),
     }
@@ -343,6 +383,7 @@ def _summary_rows(
                 "gmacs": gmacs,
                 "best_epoch": m["best_epoch"],
                 "best_val_dice": m["best_val_dice"],
+                "selection_threshold": m["selection_threshold"],
                 "train_seconds": m["train_seconds"],
             }
         )
@@ -357,12 +398,14 @@ def _summary_rows(
         "params_m": params_m,
         "gmacs": gmacs,
         **{c: float(folds[c].astype(float).mean()) for c in numeric},
+        "selection_threshold": _one_value(folds["selection_threshold"]),
     }
     std = {
         **common,
         "fold": "std",
         "n_test": rows[0]["n_test"],
         **{c: float(folds[c].astype(float).std(ddof=1)) if len(folds) > 1 else math.nan for c in numeric},
+        "selection_threshold": _one_value(folds["selection_threshold"]),
     }
     s = summarize(tables[-1])
     ensemble = {
@@ -374,35 +417,48 @@ def _summary_rows(
         "params_m": params_m * len(meta),
         "gmacs": gmacs * len(meta),
         "train_seconds": float(folds["train_seconds"].astype(float).sum()),
+        "selection_threshold": _one_value(folds["selection_threshold"]),
     }
     return [*rows, mean, std, ensemble]
 
 
-def evaluate_run(run_dir: Path, overrides: list[str] | None = None, dataset: str | None = None) -> Path:
-    """Evaluate a trained run on its test split(s); writes ``test/*_per_image.csv`` and returns ``summary.csv``.
+def evaluate_run(
+    run_dir: Path, overrides: list[str] | None = None, dataset: str | None = None, tag: str | None = None
+) -> Path:
+    """Evaluate a trained run on its test split(s); writes the per-image files and returns ``summary.csv``.
 
     ``dataset`` (cross-dataset transfer) scores the fold models and their ensemble on that dataset's held-out test
     split instead, with the run's own preprocessing; everything goes to ``test_on_<dataset>/`` (the per-image files
-    and ``summary.csv``, same names and columns) and the run's own files are left alone. Test images the run trained
-    on through a dataset sharing them (BUSI and Curated BUSI) are left out and listed in ``excluded.csv``.
+    and ``summary.csv``, same names and columns) and the run's own files are left alone. ``tag`` writes the run's
+    own test to ``test_<tag>/`` (e.g. scored with other ``--set eval.*`` settings). Test images the run learned from
+    through a dataset sharing images, or a near-duplicate or patient of one, are left out and listed in
+    ``excluded.csv`` (:mod:`busbench.data.leakage`).
     """
     ensure_console_logging()
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, overrides)
     if dataset is not None:
-        transfer.check_target(cfg, dataset)
+        results.check_target(cfg, dataset)
+    results.output_dirs(run_dir, dataset, tag)  # checks the tag before anything runs
+    trackers.check_available(cfg)
     with locked(run_dir, wait=30.0):
-        return _evaluate_locked(run_dir, cfg, dataset)
+        path = _evaluate_locked(run_dir, cfg, dataset, tag)
+    trackers.log_summary(cfg, path, run_dir)
+    return path
 
 
-def _evaluate_locked(run_dir: Path, cfg: Config, dataset: str | None = None) -> Path:
+def _evaluate_locked(run_dir: Path, cfg: Config, dataset: str | None = None, tag: str | None = None) -> Path:
     keys = list(cfg.data.datasets) if dataset is None else [dataset]
-    out_dir = run_dir if dataset is None else transfer.transfer_dir(run_dir, dataset)
-    seen = set() if dataset is None else transfer.seen_sample_ids(cfg, dataset)
+    out_dir, test_dir = results.output_dirs(run_dir, dataset, tag)
     checkpoints = _fold_checkpoints(run_dir, cfg)
-    trained_on = _trained_manifests(run_dir, [k for k, _, _ in checkpoints])
+    trained_on = leakage.recorded_manifests(run_dir)
+    excluded = {key: leakage.excluded_for_run(cfg, run_dir, key, trained_on) for key in keys}
     device = resolve_device(cfg.train.device)
     models, meta = _load_models(cfg, checkpoints, device)
+    trained_threshold = config_from_file(run_dir / CONFIG_FILE).eval.threshold
+    for m in meta:  # checkpoints written before the selection threshold was recorded: the run's own setting
+        if math.isnan(m["selection_threshold"]):
+            m["selection_threshold"] = trained_threshold
     probe = build_model(cfg)
     cost = (count_params(probe) / 1e6, count_macs(probe, cfg.data.channels, cfg.data.image_size) / 1e9)
     del probe
@@ -418,21 +474,29 @@ def _evaluate_locked(run_dir: Path, cfg: Config, dataset: str | None = None) -> 
             cfg.eval.resolution,
         )
         tables, manifest = _score_dataset(cfg, key, models, device, trained_on.get(key))
-        if seen:
+        left_out = set(excluded[key]["sample_id"])
+        if left_out:
             LOG.warning(
-                "leaving out %d %s test image(s) the run trained on (see excluded.csv)", len(seen), key
+                "leaving out %d %s test image(s) the run learned from, or near-copies / same-patient images of "
+                "them (see %s)",
+                len(left_out),
+                key,
+                test_dir / results.EXCLUDED,
             )
-            tables = [t[~t["sample_id"].astype(str).isin(seen)].reset_index(drop=True) for t in tables]
+            tables = [t[~t["sample_id"].astype(str).isin(left_out)].reset_index(drop=True) for t in tables]
+            if len(tables[-1]) == 0:
+                raise DataError(
+                    f"every {key} test image is a training image of the run (or a near-copy of one); "
+                    "there is nothing left to score"
+                )
         for s, table in enumerate(tables):
             per_source[s].append(table)
-        summary_rows += _summary_rows(cfg, key, tables, meta, cost, manifest)
+        summary_rows += _summary_rows(cfg, key, tables, meta, cost, manifest, len(left_out))
 
-    test_dir = run_dir / "test" if dataset is None else out_dir
-    if seen:
-        excluded = pd.DataFrame(
-            {"sample_id": sorted(seen), "reason": "in the development split the run trained on"}
-        )
-        atomic_write_text(out_dir / "excluded.csv", excluded.to_csv(index=False, lineterminator="\n"))
+    left_out = [frame.assign(dataset_key=key) for key, frame in excluded.items() if len(frame)]
+    if left_out:
+        table = pd.concat(left_out, ignore_index=True)[["sample_id", "dataset_key", "reason"]]
+        atomic_write_text(test_dir / results.EXCLUDED, table.to_csv(index=False, lineterminator="\n"))
     names = [f"fold{m['fold']}" for m in meta] + ["ensemble"]
     for name, frames in zip(names, per_source, strict=True):
         df = pd.concat(frames, ignore_index=True)
@@ -443,7 +507,7 @@ def _evaluate_locked(run_dir: Path, cfg: Config, dataset: str | None = None) -> 
         {name: dict(zip(keys, frames, strict=True)) for name, frames in zip(names, per_source, strict=True)},
     )
     summary = pd.DataFrame(summary_rows).reindex(columns=[*SUMMARY_COLUMNS, *task.summary_columns])
-    path = out_dir / "summary.csv"
+    path = out_dir / results.SUMMARY
     atomic_write_text(path, summary.to_csv(index=False, lineterminator="\n"))
     return path
 
@@ -470,12 +534,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="score on another dataset's held-out test split (cross-dataset transfer); "
         "results go to DIR/test_on_KEY/",
     )
+    parser.add_argument(
+        "--tag",
+        default=None,
+        metavar="NAME",
+        help="write the results to DIR/test_NAME/ (summary.csv included) instead of DIR/summary.csv and DIR/test/, "
+        "e.g. --set eval.tta=true --tag tta",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    path = evaluate_run(args.run, args.set, dataset=args.dataset)
+    path = evaluate_run(args.run, args.set, dataset=args.dataset, tag=args.tag)
     summary = pd.read_csv(path, dtype={"fold": str})
     shown = summary[["dataset", "fold", "n_test", "dice", "iou", "hd95", "hd95_penalised", "normal_fp_rate"]]
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(f"wrote {path} and {path.parent if args.dataset else path.parent / 'test'}/")
+    print(f"wrote {path} and {results.output_dirs(args.run, args.dataset, args.tag)[1]}/")
     return 0

@@ -21,19 +21,17 @@ one row per dataset of the union. Draw the heatmap with ``busbench plot transfer
 from __future__ import annotations
 
 import argparse
-import difflib
 import math
 from pathlib import Path
 
 import pandas as pd
 
 from busbench.atomic import atomic_write_text
-from busbench.config import DATASET_KEYS, Config, config_from_file
-from busbench.errors import BusbenchError, ConfigError, DataError
+from busbench.config import Config, config_from_file
+from busbench.engine.results import SUMMARY, TRANSFER_PREFIX
+from busbench.errors import BusbenchError, DataError
 
 CONFIG = "config.yaml"
-SUMMARY = "summary.csv"
-TRANSFER_PREFIX = "test_on_"
 COLUMNS = (
     "train_dataset",
     "test_dataset",
@@ -50,51 +48,6 @@ COLUMNS = (
     "run",
 )
 SOURCES = {"ensemble": "ensemble", "mean": "fold_mean"}
-
-
-# Datasets holding the same images under the same sample ids: Curated BUSI is a subset of BUSI.
-SAME_IMAGES = {"busi": "busi", "curated_busi": "busi"}
-
-
-def transfer_dir(run_dir: Path, dataset: str) -> Path:
-    """Where ``busbench test --run run_dir --dataset dataset`` writes its results."""
-    return Path(run_dir) / f"{TRANSFER_PREFIX}{dataset}"
-
-
-def check_target(cfg: Config, dataset: str) -> None:
-    """``dataset`` must be a dataset key other than the run's own training data."""
-    if dataset not in DATASET_KEYS:
-        close = difflib.get_close_matches(dataset, DATASET_KEYS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(
-            f"--dataset {dataset!r} is not a dataset key{hint}; valid keys: {', '.join(DATASET_KEYS)}"
-        )
-    if dataset in cfg.data.datasets:
-        raise ConfigError(
-            f"--dataset {dataset}: the run was trained on {'+'.join(cfg.data.datasets)}, so {dataset}'s test split is "
-            "its own test; score it with busbench test --run DIR (without --dataset)"
-        )
-
-
-def seen_sample_ids(cfg: Config, dataset: str) -> set[str]:
-    """Sample ids of ``dataset``'s test split that the run trained or validated on through a related dataset.
-
-    BUSI and Curated BUSI share images (and ids): the test split of one can hold the other's development images, and
-    scoring a model on images it learned from would inflate the transfer score.
-    """
-    family = SAME_IMAGES.get(dataset)
-    related = [k for k in cfg.data.datasets if family is not None and SAME_IMAGES.get(k) == family]
-    if not related:
-        return set()
-    from busbench.data.loader import load_dataset_rows
-
-    target, _ = load_dataset_rows(cfg, dataset)
-    test_ids = set(target.loc[target["split"] == "test", "sample_id"].astype(str))
-    seen: set[str] = set()
-    for key in related:
-        rows, _ = load_dataset_rows(cfg, key)
-        seen |= set(rows.loc[rows["split"] == "dev", "sample_id"].astype(str))
-    return test_ids & seen
 
 
 def find_runs(dirs: list[Path]) -> list[Path]:
