@@ -26,6 +26,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "busbench.engine.evaluate",
         "evaluate fold models and their ensemble on the held-out test split",
     ),
+    "predict": ("busbench.engine.predict", "masks of new images from a trained run's fold ensemble"),
+    "score": (
+        "busbench.engine.score",
+        "score any tool's predicted masks on a dataset's held-out test split, into the results layout",
+    ),
+    "export": (
+        "busbench.engine.export",
+        "export an nnU-Net v2 raw dataset with busbench's folds, or a run's models as ONNX",
+    ),
     "aggregate": ("busbench.report.aggregate", "gather run summaries into a leaderboard"),
     "transfer": ("busbench.report.transfer", "cross-dataset transfer matrix of tested runs"),
     "compare": ("busbench.report.stats", "paired statistics between models on the same test images"),

@@ -80,6 +80,11 @@ def _read_single_channel(path: str | Path) -> np.ndarray:
     return img
 
 
+def read_label_image(path: str | Path) -> np.ndarray:
+    """A mask or label map as uint8 ``(H, W)``, whatever its encoding (grey, RGB: the channel maximum; 16-bit)."""
+    return _read_single_channel(path)
+
+
 def read_mask(path: str | Path) -> np.ndarray:
     """A derived binary mask as a boolean ``(H, W)`` array (stored 0/255; any colour channel counts)."""
     raw = _read_single_channel(path)
@@ -147,7 +152,12 @@ def decode_row(row: Any, channels: int) -> tuple[np.ndarray, np.ndarray]:
 def square_row(row: Any, size: int, mode: str, channels: int) -> tuple[np.ndarray, np.ndarray, LetterboxInfo]:
     """``(S, S, C)`` image, ``(S, S)`` class map and placement of one row: the pre-augmentation network input."""
     image, class_map = decode_row(row, channels)
-    info = geometry_for(image.shape[:2], size, mode)
-    image_sq = place(image, info, image_interpolation(info.original_hw, info.content_hw))
+    image_sq, info = square_image(image, size, mode)
     class_sq = place(class_map, info, MASK_INTERPOLATION)
     return image_sq, class_sq, info
+
+
+def square_image(image: np.ndarray, size: int, mode: str) -> tuple[np.ndarray, LetterboxInfo]:
+    """A decoded ``(H, W, C)`` image as the ``(S, S, C)`` network input (``data.resize`` mode) and its placement."""
+    info = geometry_for(image.shape[:2], size, mode)
+    return place(image, info, image_interpolation(info.original_hw, info.content_hw)), info

@@ -241,6 +241,14 @@ class Task:
         """
         return {}
 
+    def image_outputs(
+        self, pred: Prediction, source: int, item: int, threshold: float, restore_fn: Any = None
+    ) -> dict[str, Any]:
+        """What the task predicts for one image besides the lesion mask, at the resolution ``restore_fn`` maps to:
+        ``classes`` (multiclass: class map, 0 background, 1 benign, 2 malignant) or ``label`` and
+        ``prob_<class>`` (multitask). :meth:`image_columns` scores these; ``busbench predict`` writes them."""
+        return {}
+
     def batch_columns(
         self, pred: Prediction, source: int, batch: Mapping[str, Any], threshold: float
     ) -> pd.DataFrame:
@@ -301,14 +309,17 @@ class MulticlassTask(Task):
         pixel = torch.stack(probs).cpu()
         return Prediction(lesion=1.0 - pixel[:, :, 0], pixel=pixel)
 
-    def image_columns(self, pred, source, item, threshold, gt_class_map, restore_fn=None):
+    def image_outputs(self, pred, source, item, threshold, restore_fn=None):
         lesion = pred.lesion[source, item].numpy()
         classes = pred.pixel[source, item, 1:].numpy().transpose(1, 2, 0)  # (S, S, K-1)
         if restore_fn is not None:
             lesion, classes = restore_fn(lesion), restore_fn(np.ascontiguousarray(classes))
             if classes.ndim == 2:
                 classes = classes[..., None]
-        labels = _label_map(lesion, classes, threshold)
+        return {"classes": _label_map(lesion, classes, threshold)}
+
+    def image_columns(self, pred, source, item, threshold, gt_class_map, restore_fn=None):
+        labels = self.image_outputs(pred, source, item, threshold, restore_fn)["classes"]
         scores = per_class(
             labels, gt_class_map, NUM_CLASSES, class_names=CLASS_NAMES, hd95_mode=self.cfg.eval.hd95_mode
         )
@@ -392,12 +403,16 @@ class MultitaskTask(Task):
             image=torch.stack([cls for _, cls in pairs]),
         )
 
-    def image_columns(self, pred, source, item, threshold, gt_class_map, restore_fn=None):
+    def image_outputs(self, pred, source, item, threshold, restore_fn=None):
         probs = pred.image[source, item]
-        row: dict[str, Any] = {"pred_label": CLASS_LABELS[int(probs.argmax())]}
+        row: dict[str, Any] = {"label": CLASS_LABELS[int(probs.argmax())]}
         for name, p in zip(CLASS_LABELS, probs.tolist(), strict=True):
             row[f"prob_{name}"] = p
         return row
+
+    def image_columns(self, pred, source, item, threshold, gt_class_map, restore_fn=None):
+        row = self.image_outputs(pred, source, item, threshold, restore_fn)
+        return {"pred_label": row.pop("label"), **row}
 
     def summary_scores(self, table: pd.DataFrame) -> dict[str, float]:
         scores = classification_metrics(table["label"].tolist(), table["pred_label"].tolist())
