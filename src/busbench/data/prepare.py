@@ -33,6 +33,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pandas as pd
+from PIL import Image
 from tqdm import tqdm
 
 from busbench import __version__
@@ -106,7 +107,6 @@ class _Decoded:
     class_png: bytes
     signature: Signature
     notes: list[str]
-    image_sha256: str
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,6 @@ def _decode_sample(adapter: Adapter, sample: RawSample) -> _Decoded:
         class_png=_encode_png(class_map, f"class map of {sample.sample_id}"),
         signature=image_signature(image),
         notes=[str(n) for n in decoded.notes],
-        image_sha256=hashlib.sha256(Path(sample.image_path).read_bytes()).hexdigest(),
     )
 
 
@@ -238,11 +237,24 @@ def _drawn(request: SplitRequest) -> str:
     )
 
 
+def _file_facts(sample: RawSample) -> tuple[str, tuple[int, int]]:
+    """SHA-256 of the raw image file and its pixel size from the header ((0, 0) if unreadable; decoding reports
+    that file later), without decoding the pixels."""
+    path = Path(sample.image_path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (OSError, ValueError):
+        height = width = 0
+    return digest, (height, width)
+
+
 def _plan_split(
     key: str,
     request: SplitRequest,
     samples: Sequence[RawSample],
-    decoded: Sequence[_Decoded],
+    facts: Sequence[tuple[str, tuple[int, int]]],
     excluded: Sequence[str],
     official_folds: bool,
 ) -> _SplitPlan:
@@ -267,8 +279,8 @@ def _plan_split(
         [s.sample_id for s in samples],
         [s.label for s in samples],
         [s.patient_id for s in samples],
-        [d.image_sha256 for d in decoded],
-        [(d.height, d.width) for d in decoded],
+        [digest for digest, _ in facts],
+        [size for _, size in facts],
         excluded,
     )
     if request.splits == "new":
@@ -377,12 +389,20 @@ def _prepare_one(
             f"{key}: --official-folds needs a dataset with an official fold file (busbra); {key} has none"
         )
 
+    # The files are checked against a reference split before the slower decoding, so a refusal comes at once.
+    with _phase(key, "reference"):
+        if workers > 1 and len(samples) >= PARALLEL_MIN:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                facts = list(pool.map(_file_facts, samples))
+        else:
+            facts = [_file_facts(s) for s in samples]
+    plan = _plan_split(key, request, samples, facts, sorted(adapter.excluded), official_folds)
+
     with _phase(key, "decode"):
         decoded = _decode_all(adapter, samples, workers, progress)
 
     ids = [s.sample_id for s in samples]
     labels = {s.sample_id: s.label for s in samples}
-    plan = _plan_split(key, request, samples, decoded, sorted(adapter.excluded), official_folds)
     with _phase(key, "duplicates"):
         pairs = find_duplicates(ids, [d.signature for d in decoded])
         group_of = group_samples(ids, [s.patient_id for s in samples], pairs)

@@ -4,8 +4,10 @@
   atomically from the history kept in the checkpoint, so a resumed run has exactly one row per epoch.
 * ``tensorboard/`` - the same scalars plus a few validation overlays (grey image, ground truth in green, prediction
   in red); on resume, events after the resumed epoch are purged.
-* ``run.json`` - provenance: busbench/torch/CUDA versions, git commit, device, manifest hashes, seeds, and one entry
-  per session (start, end, status), so every number can be traced to the code and data that made it.
+* ``run.json`` - provenance: busbench/Python/numpy/scikit-learn/OpenCV/torch/CUDA versions, git commit, device,
+  manifest hashes, seeds, where each dataset's split came from (``data_split``: v1 or drawn, its seed, test size
+  and folds, as the manifest's summary JSON records them, not as the run's config says), and one entry per session
+  (start, end, status), so every number can be traced to the code and data that made it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 
 import busbench
 from busbench.atomic import atomic_write_text
+from busbench.data.manifest import DataRoots, library_versions, read_summary, split_provenance
 from busbench.errors import BusbenchError
 
 LOG = logging.getLogger("busbench")
@@ -89,6 +92,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "numpy": np.__version__,
+        "scikit_learn": library_versions()["scikit-learn"],
+        "opencv": library_versions()["opencv"],
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -96,6 +101,29 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
     }
     return info
+
+
+def data_split_provenance(datasets: list[str] | tuple[str, ...], data_root: Any) -> dict[str, dict[str, Any]]:
+    """Per dataset key: split source ("v1" / "drawn, seed S"), seed, test size, folds and whether the copy was
+    partial, read from ``<manifests>/<key>.json`` (the summary prepare wrote with the manifest)."""
+    manifest_dir = DataRoots.resolve(data_root).manifest_dir
+    out: dict[str, dict[str, Any]] = {}
+    for key in datasets:
+        summary = read_summary(manifest_dir / f"{key}.json")
+        record = split_provenance(summary)
+        out[key] = {
+            name: record.get(name) for name in ("source", "seed", "test_size", "folds", "partial", "version")
+        }
+        out[key]["manifest_sha256"] = summary.get("manifest_sha256")
+        out[key]["prepared_with"] = summary.get("versions")
+    return out
+
+
+def split_seed(splits: dict[str, dict[str, Any]]) -> Any:
+    """The split seed of the data: one number when every dataset shares it, else one per dataset."""
+    seeds = {key: info.get("seed") for key, info in splits.items()}
+    values = set(seeds.values())
+    return next(iter(values)) if len(values) == 1 else seeds
 
 
 class RunRecord:

@@ -72,19 +72,21 @@ import busbench.engine.finetune as finetune
 from busbench.atomic import atomic_write_text, remove_stale_temporaries
 from busbench.config import Config, config_from_file, load_config, save_config
 from busbench.engine import checkpoint as ckpt
-from busbench.engine import tasks
+from busbench.engine import tasks, trackers
 from busbench.engine.inference import amp_dtype, autocast, resolve_device
 from busbench.engine.runlog import (
     LOG,
     RunRecord,
     TensorBoardLog,
+    data_split_provenance,
     ensure_console_logging,
     environment,
     now,
     overlay,
+    split_seed,
     write_train_log,
 )
-from busbench.engine.seeding import rng_state, seed_everything, set_rng_state
+from busbench.engine.seeding import device_rng_state, rng_state, seed_everything, set_rng_state
 from busbench.errors import BusbenchError, ConfigError, ModelError
 from busbench.locking import LOCK_NAME, locked
 from busbench.losses import build_loss
@@ -322,7 +324,7 @@ class FoldTrainer:
         self.optimizer = build_optimizer(cfg, self.model)
         self.strategy = tasks.build_strategy(cfg, self.model, self.optimizer, device)
         self.schedule = Schedule(cfg, self.optimizer, self.steps_per_epoch)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.epoch = 0  # finished epochs
         self.saved_epoch = 0  # the epoch checkpoint_last.pt holds
         self.best_dice = -math.inf
@@ -350,7 +352,9 @@ class FoldTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": rng_state(self.train_loader.generator),
+            "precision": _precision(self.dtype),
+            # each rank's CUDA generator: a collective, so every rank builds the state (rank 0 writes it)
+            "rng": rng_state(self.train_loader.generator, distributed.gather_lists([device_rng_state()])),
             "best_dice": self.best_dice,
             "best_epoch": self.best_epoch,
             "bad_rounds": self.bad_rounds,
@@ -372,10 +376,10 @@ class FoldTrainer:
         ckpt.load_model_state(self.model, payload, path)
         self.optimizer.load_state_dict(payload["optimizer"])
         self.schedule.load_state_dict(payload["scheduler"])
-        self.scaler.load_state_dict(payload["scaler"])
+        self._restore_scaler(payload, path)
         if self.strategy is not None:
             self.strategy.load_state_dict(payload.get("strategy"), path)
-        set_rng_state(payload["rng"], self.train_loader.generator)
+        set_rng_state(payload["rng"], self.train_loader.generator, rank=self.dist.rank)
         self.epoch = self.saved_epoch = int(payload["epoch"])
         self.best_dice = float(payload["best_dice"])
         self.best_epoch = int(payload["best_epoch"])
@@ -384,6 +388,28 @@ class FoldTrainer:
         self.stop_reason = str(payload["stop_reason"])
         self.train_seconds = float(payload["train_seconds"])
         self.history = list(payload["history"])
+
+    def _restore_scaler(self, payload: dict[str, Any], path: Path) -> None:
+        """The gradient scaler's state, when both runs scale (float16); a change of precision is logged.
+
+        The precision follows the device (``train.amp`` is the same, or the setup check above would have refused):
+        a checkpoint written on the CPU or on a GPU with native bfloat16 holds no scaler state, and one written
+        with float16 holds a state a float32 or bfloat16 run has no use for. Either way the scaler starts afresh.
+        """
+        saved = payload.get("precision")
+        if saved is not None and saved != _precision(self.dtype):
+            LOG.warning(
+                "fold %d: %s was trained in %s, this device trains in %s; resuming in %s (the result will differ "
+                "slightly from a run without the change)",
+                self.fold,
+                path,
+                saved,
+                _precision(self.dtype),
+                _precision(self.dtype),
+            )
+        state = payload.get("scaler") or {}
+        if self.scaler.is_enabled() and state:
+            self.scaler.load_state_dict(state)
 
     # ---- loops
 
@@ -405,20 +431,24 @@ class FoldTrainer:
             desc=f"fold {self.fold} epoch {self.epoch + 1}/{t.epochs}",
         )
         for i, batch in enumerate(bar):
-            x = batch["image"].to(self.device, non_blocking=True)
-            y = batch["mask"].to(self.device, non_blocking=True)
-            if t.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            # the micro-batches of one optimiser step: train.accumulate of them, fewer in the epoch's last step
+            group = min(t.accumulate, n_batches - (i // t.accumulate) * t.accumulate)
+            step_now = (i + 1) % t.accumulate == 0 or i + 1 == n_batches
+            # uint8 as loaded; normalised and cast on the device, as validation and testing do
+            x, y = _data_api().device_batch(batch, self.cfg.data.normalize, self.device, t.channels_last)
             if self.strategy is not None:  # its own generator and discriminator updates
-                loss_sum += self.strategy.step(self.forward, x, y, self.device, self.dtype)
+                loss_sum += self.strategy.step(self.forward, x, y, self.device, self.dtype, self.scaler)
                 self.schedule.step()
                 continue
-            with autocast(self.device, self.dtype):
-                out = self.task.outputs(self.forward, x, y)
-            loss = self.task.loss(self.criterion, out, batch, y)
-            self.scaler.scale(loss / t.accumulate).backward()
+            # under DDP only the step's last micro-batch all-reduces; each is weighted 1/group, so the step's
+            # gradient is the mean over its micro-batches also when the epoch ends with a shorter step
+            with distributed.gradient_sync(self.forward, step_now):
+                with autocast(self.device, self.dtype):
+                    out = self.task.outputs(self.forward, x, y, batch)
+                loss = self.task.loss(self.criterion, out, batch, y)
+                self.scaler.scale(loss / group).backward()
             loss_sum += loss.detach()
-            if (i + 1) % t.accumulate == 0 or i + 1 == n_batches:
+            if step_now:
                 if t.grad_clip is not None:
                     self.scaler.unscale_(self.optimizer)
                     nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
@@ -531,8 +561,9 @@ class FoldTrainer:
                         "model": ckpt.unwrap(self.model).state_dict(),
                     },
                 )
+            state = self.state()  # on every rank: it gathers each rank's CUDA generator state
             if self.dist.is_main:
-                ckpt.save_checkpoint(self.dir / ckpt.LAST, self.state())
+                ckpt.save_checkpoint(self.dir / ckpt.LAST, state)
                 write_train_log(self.dir / "train_log.csv", self.history)
             self.saved_epoch = self.epoch
             record.data["train_seconds"] = round(self.train_seconds, 3)
@@ -551,6 +582,11 @@ class FoldTrainer:
                 lr,
                 seconds,
             )
+
+
+def _precision(dtype: torch.dtype | None) -> str:
+    """``float32``, ``bfloat16`` or ``float16``: what a run computes in."""
+    return str(dtype or torch.float32).removeprefix("torch.")
 
 
 def _write_csv(path: Path, df: pd.DataFrame) -> None:
@@ -582,6 +618,20 @@ def train_fold(
         return _train_fold_locked(cfg, fold, fold_dir, device, manifest_hashes, resume)
 
 
+def training_forward(model: nn.Module, device: torch.device, compile: bool, accumulate: int = 1) -> nn.Module:
+    """The module the training loop calls: ``model`` in DistributedDataParallel under torchrun, then compiled.
+
+    Compiling the DDP-wrapped model (not wrapping the compiled one) lets torch's compiler split the graph at DDP's
+    gradient buckets, so the all-reduce of one bucket overlaps the backward of the next. Validation calls the model
+    without DDP's collectives (:func:`busbench.engine.distributed.unwrap`): the compiled model in one process, the
+    plain one under torchrun (whose ranks validate different numbers of batches).
+    The trainer compiles on CUDA only (``train.compile`` is ignored on the CPU, where compiling a network takes
+    longer than a short run saves).
+    """
+    forward = distributed.wrap(model, device, accumulate)
+    return torch.compile(forward) if compile else forward
+
+
 def _train_fold_locked(
     cfg: Config,
     fold: int,
@@ -607,13 +657,12 @@ def _train_fold_locked(
         trainer.restore(fold_dir / ckpt.LAST)
         resumed_from = trainer.epoch
         LOG.info("fold %d: resuming after epoch %d from %s", fold, trainer.epoch, fold_dir / ckpt.LAST)
-    if cfg.train.compile:
-        if device.type == "cuda":
-            trainer.forward = torch.compile(trainer.model)
-        else:
-            LOG.info("train.compile is ignored on the CPU")
-    trainer.forward = distributed.wrap(trainer.forward, device)
+    if cfg.train.compile and device.type != "cuda":
+        LOG.info("train.compile is ignored on the CPU")
+    compile_model = cfg.train.compile and device.type == "cuda"
+    trainer.forward = training_forward(trainer.model, device, compile_model, cfg.train.accumulate)
 
+    splits = data_split_provenance(cfg.data.datasets, cfg.data.data_root)
     static = {
         "experiment": cfg.experiment.name,
         "dataset": "+".join(cfg.data.datasets),
@@ -622,9 +671,10 @@ def _train_fold_locked(
         "config_hash": cfg.hash(),
         "training_hash": trainer.config_hash,
         "manifest_sha256": manifest_hashes,
-        "seeds": {"train": cfg.train.seed, "data_split": cfg.data.seed},
+        "seeds": {"train": cfg.train.seed, "data_split": split_seed(splits)},
+        "data_split": splits,
         "deterministic": cfg.train.deterministic,
-        "precision": str(trainer.dtype or torch.float32).removeprefix("torch."),
+        "precision": _precision(trainer.dtype),
         "n_train": len(trainer.train_ds),
         "n_val": len(trainer.val_ds),
         "params_m": round(trainer.params_m, 4),
@@ -633,10 +683,15 @@ def _train_fold_locked(
     }
     record = RunRecord(fold_dir / "run.json", static, enabled=trainer.dist.is_main)
     record.start(resumed_from_epoch=resumed_from, processes=trainer.dist.world_size)
-    tb = TensorBoardLog(
-        fold_dir / "tensorboard",
-        cfg.output.tensorboard and trainer.dist.is_main,
-        purge_step=resumed_from + 1 if resumed_from else None,
+    tb = trackers.Mirrored(
+        TensorBoardLog(
+            fold_dir / "tensorboard",
+            cfg.output.tensorboard and trainer.dist.is_main,
+            purge_step=resumed_from + 1 if resumed_from else None,
+        ),
+        trackers.start(cfg, fold_dir, f"{static['dataset']}/{cfg.model.name}/fold{fold}")
+        if trainer.dist.is_main
+        else trackers.Tracker(),
     )
     try:
         trainer.run(record, tb)
@@ -703,6 +758,26 @@ def _train_fold_locked(
     return fold_dir
 
 
+def build_cache_once(cfg: Config) -> None:
+    """Under torchrun, rank 0 builds the data cache (``data.cache``) while the others wait, so that N processes do
+    not decode and write the same images N times; the others then find it built. Rank 0's error, if any, stops
+    every rank (none is left waiting at a barrier). A no-op in one process, where the loader builds it."""
+    ctx = distributed.context()
+    if not (cfg.data.cache and ctx.active):
+        return
+    error: Exception | None = None
+    if ctx.is_main:
+        try:
+            _data_api().build_datasets(cfg, 0)  # builds (or finds) the cache of every dataset of the run
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks are told
+            error = exc
+    message = distributed.broadcast_object(None if error is None else str(error))  # also the barrier
+    if error is not None:
+        raise error
+    if message is not None:
+        raise BusbenchError(f"rank 0 could not build the data cache: {message}")
+
+
 def train(
     cfg: Config, folds: list[int] | None = None, resume: bool = True, force: bool = False
 ) -> list[Path]:
@@ -720,11 +795,13 @@ def train(
     # Built once before anything is written, so an unknown model, a wrong parameter or an image size the model
     # cannot take fails without leaving a run folder behind; each fold builds its own, freshly seeded, copy.
     tasks.build_task(cfg).check_model(build_model(cfg))
+    trackers.check_available(cfg)
     device = resolve_device(cfg.train.device)
     distributed.check_config(cfg)
     dist_ctx = distributed.setup(device)  # torchrun: join the process group (no-op in one process)
     finetune.check_source(cfg, folds)
     manifest_hashes = check_data(cfg)
+    build_cache_once(cfg)
     run_dir = cfg.run_dir()
     if dist_ctx.is_main:
         with locked(run_dir, wait=30.0):
