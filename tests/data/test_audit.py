@@ -16,7 +16,7 @@ from PIL import Image
 from prepare_testdata import synth_raw
 
 from busbench.cli import main as cli_main
-from busbench.data.audit import audit_manifest, check_manifest
+from busbench.data.audit import audit_manifest, audit_split_file, check_manifest
 from busbench.data.manifest import manifest_bytes, sha256_bytes
 from busbench.data.prepare import prepare
 from busbench.errors import DataError
@@ -218,3 +218,50 @@ def test_recorded_raw_root_used_when_data_root_moves(tmp_path):
     report = audit_manifest("busi", data_root=tmp_path / "data")
     assert not report.ok and "file(s) missing" in report.text() and "pass --raw-root" in report.text()
     assert audit_manifest("busi", data_root=tmp_path / "data", raw_root=tmp_path / "moved" / "raw").ok
+
+
+def test_split_file_against_synthetic_busi(prepared, tmp_path, capsys):
+    """busbench's own split passes; a split that separates a known duplicate pair fails and lists it; files
+    without a usable column are one clear error."""
+    df = pd.read_csv(prepared / "manifests" / "busi.csv", dtype=str, keep_default_na=False)
+    own = tmp_path / "own.csv"
+    df[["sample_id", "split", "fold"]].to_csv(own, index=False)
+    assert cli_main(["audit", "busi", "--data-root", str(prepared), "--split-file", str(own)]) == 0
+    assert "OK: 0 of 2 near-duplicate pairs" in capsys.readouterr().out
+
+    # synthetic BUSI: malignant (3) is a byte copy of benign (7)
+    names = df["image_path"].str.rsplit("/", n=1).str[-1]
+    split = np.where(
+        names == "malignant (3).png", "test", np.where(names == "benign (7).png", "train", "val")
+    )
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"Image": names, "Subset": split}).to_csv(bad, index=False)
+    out_csv = tmp_path / "pairs.csv"
+    args = [
+        "audit",
+        "busi",
+        "--data-root",
+        str(prepared),
+        "--split-file",
+        str(bad),
+        "--pairs-out",
+        str(out_csv),
+    ]
+    assert cli_main(args) == 1
+    out = capsys.readouterr().out
+    assert "1 of 1 test images have a near-duplicate or same-patient image in another part" in out
+    pairs = pd.read_csv(out_csv, dtype=str)
+    assert ("benign_0007", "malignant_0003") in set(zip(pairs["a"], pairs["b"], strict=True))
+
+    no_part = tmp_path / "no_part.csv"
+    pd.DataFrame({"Image": names}).to_csv(no_part, index=False)
+    with pytest.raises(DataError, match="neither a split column"):
+        audit_split_file("busi", no_part, data_root=prepared)
+    other = tmp_path / "other.csv"
+    pd.DataFrame({"Image": ["x.png", "y.png"], "split": ["train", "test"]}).to_csv(other, index=False)
+    with pytest.raises(DataError, match="no column names images of the prepared dataset"):
+        audit_split_file("busi", other, data_root=prepared)
+    odd = tmp_path / "odd.csv"
+    pd.DataFrame({"Image": names, "split": "tran"}).to_csv(odd, index=False)
+    with pytest.raises(DataError, match=r"holds \['tran'\], not train/val/test"):
+        audit_split_file("busi", odd, data_root=prepared)

@@ -12,6 +12,7 @@ from prepare_testdata import synth_raw
 from busbench.data.manifest import library_versions
 from busbench.data.prepare import prepare
 from busbench.engine.runlog import data_split_provenance, split_seed
+from busbench.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +53,13 @@ def test_documented_counts_line_for_a_dataset_without_reference(root, caplog):
     assert len(lines) == 1
     assert "24 images" in lines[0] and "the public release has 811 (358 benign, 453 malignant)" in lines[0]
     assert "787 missing" in lines[0]
+
+
+def test_explicit_v1_on_files_that_are_not_the_release_is_refused(root, tmp_path):
+    with pytest.raises(
+        DataError, match=r"busi: 756 of the 780 images of the BUSI public release are missing"
+    ):
+        prepare(["busi"], data_root=tmp_path, raw_root=root / "raw", splits="v1", progress=False)
+    with pytest.raises(DataError, match="busbench has no v1 split for bus_uc.*use --splits new"):
+        prepare(["bus_uc"], data_root=tmp_path, raw_root=root / "raw", splits="v1", progress=False)
+    assert not (tmp_path / "manifests").exists()

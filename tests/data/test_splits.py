@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import random
+import warnings
 
 import numpy as np
 import pytest
+import sklearn
+from sklearn.model_selection import StratifiedGroupKFold
 
-from busbench.data.splits import _partition, assign_splits, label_deviation
+from busbench.data import splits as splits_module
+from busbench.data.splits import (
+    _partition,
+    assign_splits,
+    label_deviation,
+    make_folds,
+    shuffled_group_codes,
+)
 from busbench.errors import DataError
 
 
@@ -147,3 +157,62 @@ def test_official_folds_errors_and_group_spanning_folds():
             break
     assert {(result.split[i], result.fold[i]) for i in rows} == {("dev", official[0] - 1)}
     assert any("group joined spans official folds [1, 2]" in n for n in result.notes)
+
+
+# ----------------------------------------------------------------------------- scikit-learn version independence
+
+
+def _busi_like(seed: int):
+    """BUSI-like labels and groups: mostly single images, some near-duplicate groups of 2-4."""
+    return _dataset(300, seed, shares=(0.17, 0.56, 0.27), max_size=3)
+
+
+class _Recording(StratifiedGroupKFold):
+    """The real splitter, recording how busbench calls it and handing it an unrelated random state."""
+
+    calls: list[dict] = []
+
+    def __init__(self, n_splits=5, *, shuffle=False, random_state=None):
+        type(self).calls.append({"shuffle": shuffle, "random_state": random_state})
+        super().__init__(n_splits=n_splits, shuffle=shuffle, random_state=None if not shuffle else 12345)
+
+
+def test_sklearn_randomness_never_decides_a_split(monkeypatch):
+    """Every scikit-learn release runs the same deterministic assignment when shuffle=False (the shuffling
+    changed in 1.8); busbench draws the group order itself, so sklearn's random state must not matter."""
+    ids, labels, groups = _busi_like(0)
+    before = assign_splits(ids, labels, groups, test_size=0.2, folds=5, seed=42)
+    _Recording.calls = []
+    monkeypatch.setattr(splits_module, "StratifiedGroupKFold", _Recording)
+    after = assign_splits(ids, labels, groups, test_size=0.2, folds=5, seed=42)
+    assert _Recording.calls and all(c["shuffle"] is False for c in _Recording.calls)
+    assert np.array_equal(before.split, after.split) and np.array_equal(before.fold, after.fold)
+
+
+def test_group_order_is_numpys_fixed_legacy_permutation():
+    groups = np.array(["g3", "g1", "g2", "g1", "g0", "g3"])
+    codes = shuffled_group_codes(groups, seed=7)
+    perm = np.random.RandomState(7).permutation(4)  # RandomState streams are frozen across numpy releases
+    names = np.unique(groups)
+    # the group sklearn visits k-th (code k) is perm[k]
+    for code, name in zip(codes, groups, strict=True):
+        assert names[perm[code]] == name
+
+
+@pytest.mark.skipif(
+    tuple(int(x) for x in sklearn.__version__.split(".")[:2]) < (1, 8),
+    reason="scikit-learn < 1.8 shuffles groups differently; the comparison is with the fixed shuffle",
+)
+@pytest.mark.parametrize("seed", [0, 42, 2024])
+def test_folds_equal_sklearn_18_shuffled_folds(seed):
+    """The v1 reference splits were drawn with scikit-learn 1.9.1 and shuffle=True: drawing with busbench's own
+    group order reproduces that assignment exactly, under any scikit-learn."""
+    ids, labels, groups = _busi_like(seed)
+    y, g = np.asarray(labels), np.asarray(groups)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        sk = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=seed)
+        expected = [val for _, val in sk.split(np.zeros(len(y)), y, g)]
+    fold = make_folds(y, g, 5, seed)
+    for k, val in enumerate(expected):
+        assert sorted(np.nonzero(fold == k)[0].tolist()) == sorted(val.tolist())
