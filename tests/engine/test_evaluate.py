@@ -15,7 +15,7 @@ from engine_testdata import tiny_config
 from PIL import Image
 
 from busbench import cli
-from busbench.config import config_from_file, save_config
+from busbench.config import config_from_file, load_config, save_config
 from busbench.data.loader import build_test_dataset, network_input
 from busbench.data.prepare import prepare
 from busbench.data.synth import synthesize
@@ -316,3 +316,12 @@ def test_tagged_test_with_device_and_cache_overrides_lives_beside_the_default(tr
     assert payload["selection_threshold"] == 0.5
     with pytest.raises(ConfigError, match="--tag"):
         evaluate_run(run, tag="../x")
+
+
+def test_mask_rcnn_refuses_a_threshold_below_its_mask_threshold():
+    """Mask R-CNN zeroes instance-mask probabilities below model.params.mask_threshold: a lower eval.threshold
+    would silently act as that threshold, so it is refused, at training and at test time alike."""
+    with pytest.raises(ConfigError, match=r"eval.threshold=0.3 would act as 0.5"):
+        load_config(None, ["model.name=maskrcnn", "eval.threshold=0.3"])
+    cfg = load_config(None, ["model.name=maskrcnn", "eval.threshold=0.3", "model.params.mask_threshold=0.3"])
+    assert cfg.eval.threshold == 0.3

@@ -26,13 +26,15 @@ def write_run(
     manifest: str = "m" * 64,
     seed: int = 0,
     experiment: str = "exp",
+    summary_dir: str = "",
+    **settings: object,
 ) -> pd.DataFrame:
     """A run folder as busbench train/test leave it: config.yaml plus a summary.csv with random scores."""
     rng = np.random.default_rng(seed)
     cfg = Config()
     cfg.experiment.name, cfg.data.dataset, cfg.model.name, cfg.data.folds = experiment, dataset, model, folds
     run = root / experiment / dataset / model
-    run.mkdir(parents=True)
+    run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / "config.yaml")
     present = list(range(folds)) if present is None else present
     common = {
@@ -44,7 +46,12 @@ def write_run(
         "params_m": 1.5,
         "gmacs": 0.4,
         "manifest_sha256": manifest,
-        "resolution": "network",
+        "image_size": 224,
+        "resolution": "original",
+        "hd95_mode": "pooled",
+        "tta": False,
+        "threshold": 0.5,
+        **settings,
     }
     rows = []
     for k in present:
@@ -65,7 +72,8 @@ def write_run(
     std = {**common, "fold": "std", **folds_df[list(SCORE_COLUMNS)].std(ddof=1).to_dict()}
     ens = {**common, "fold": "ensemble", **{c: float(rng.uniform(0, 1)) for c in SCORE_COLUMNS}}
     summary = pd.DataFrame([*rows, mean, std, ens]).reindex(columns=list(SUMMARY_COLUMNS))
-    summary.to_csv(run / "summary.csv", index=False)
+    (run / summary_dir).mkdir(exist_ok=True)
+    summary.to_csv(run / summary_dir / "summary.csv", index=False)
     return summary
 
 
@@ -83,15 +91,16 @@ def test_mean_std_and_ensemble_per_run(tmp_path):
             assert board.loc[name, f"ensemble_{col}"] == pytest.approx(ens)
         assert board.loc[name, "n_folds"] == 3
         assert board.loc[name, "train_seconds"] == pytest.approx(folds["train_seconds"].sum())
-    # best mean Dice first
+    # best mean lesion-only Dice first
     order = pd.read_csv(csv_path)["model"].tolist()
-    assert order == sorted(order, key=lambda m: -board.loc[m, "dice_mean"])
+    assert order == sorted(order, key=lambda m: -board.loc[m, "dice_lesion_mean"])
 
     md = md_path.read_text()
     assert md.startswith("# Leaderboard") and "## busi (test images: 40)" in md
     row_a = next(line for line in md.splitlines() if line.startswith("| unet | exp | busi | 3 |"))
     folds_a = a[a["fold"].str.isdigit()]
     assert f"{folds_a['dice'].mean():.4f} ± {folds_a['dice'].std(ddof=1):.4f}" in row_a
+    assert "Scored at each image's original resolution (ground truth not resampled); input 224 px" in md
     every = pd.read_csv(tmp_path / "board" / "folds.csv", dtype={"fold": str})
     assert sorted(every["fold"].unique()) == ["0", "1", "2", "ensemble"]
     assert len(every) == 2 * 4
@@ -149,3 +158,37 @@ def test_command_line(tmp_path, capsys):
 
 def test_score_columns_match_what_the_evaluator_writes():
     assert aggregate_mod.SCORE_COLUMNS == SCORE_COLUMNS
+
+
+def test_runs_scored_at_224_and_256_px_are_refused_unless_allowed(tmp_path):
+    write_run(tmp_path, "unet", image_size=224)
+    write_run(tmp_path, "unet", experiment="cheng", image_size=256)
+    with pytest.raises(DataError, match=r"different settings.*image_size=256.*image_size=224.*--allow-mixed"):
+        aggregate([tmp_path], tmp_path / "board")
+    assert not (tmp_path / "board").exists()
+    csv_path, md_path = aggregate([tmp_path], tmp_path / "board", allow_mixed=True)
+    assert sorted(pd.read_csv(csv_path)["image_size"]) == [224, 256]
+    md = md_path.read_text()
+    assert "Mixed settings (image_size differ" in md
+    assert "| model | experiment | train data | image_size | folds |" in md
+
+
+def test_ranked_by_lesion_dice_or_a_chosen_score(tmp_path):
+    for seed, model in enumerate(("a", "b", "c", "d")):
+        write_run(tmp_path, model, seed=seed)
+    board = pd.read_csv(aggregate([tmp_path], tmp_path / "o1")[0])
+    assert board["dice_lesion_mean"].is_monotonic_decreasing
+    board = pd.read_csv(aggregate([tmp_path], tmp_path / "o2", sort_by="hd95")[0])
+    assert board["hd95_mean"].is_monotonic_increasing
+    assert cli.main(["aggregate", str(tmp_path), "--sort-by", "dice", "--out", str(tmp_path / "o3")]) == 0
+    assert pd.read_csv(tmp_path / "o3" / "leaderboard.csv")["dice_mean"].is_monotonic_decreasing
+
+
+def test_tagged_results_are_rows_of_their_own_and_must_match_settings(tmp_path):
+    write_run(tmp_path, "unet", seed=1)
+    write_run(tmp_path, "unet", seed=2, summary_dir="test_tta", tta=True)
+    with pytest.raises(DataError, match=r"unet \(tta=False\).*unet @tta \(tta=True\)"):
+        aggregate([tmp_path], tmp_path / "board")
+    board = pd.read_csv(aggregate([tmp_path], tmp_path / "board", allow_mixed=True)[0], keep_default_na=False)
+    assert sorted(board["tag"]) == ["", "tta"]
+    assert set(board["run"]) == {str((tmp_path / "exp" / "busi" / "unet").resolve())}

@@ -4,15 +4,24 @@ For every run (one ``summary.csv`` written by ``busbench test``, beside its ``co
 it scored, the leaderboard holds the mean and standard deviation over the fold models (sample standard deviation,
 ``ddof=1``, as papers report "mean ± std of the k fold models") and the fold ensemble's scores.
 
-Two things are refused rather than papered over:
+Three things are refused rather than papered over:
 
 * a run with fewer fold models than its ``data.folds`` (an average over 3 of 5 folds is not comparable);
-* runs on the same dataset whose manifests differ (different splits or data make scores incomparable), unless
-  ``--allow-mixed`` is given.
+* runs on the same dataset whose manifests differ (different splits or data make scores incomparable);
+* runs on the same dataset scored under different settings: ``data.image_size``, ``eval.resolution``,
+  ``eval.hd95_mode``, ``eval.tta`` or ``eval.threshold`` (HD95 in pixels of a 224 px input and of a 256 px input, or
+  of the network input and of the original image, are different units).
+
+``--allow-mixed`` tabulates such runs anyway, and the Markdown tables then show the differing settings as columns.
+Results of ``busbench test --tag NAME`` (``<run>/test_NAME/summary.csv``) are rows of their own, tagged ``NAME``.
+
+Rows are ranked by the mean lesion-only Dice of the fold models (benign and malignant images; a correctly empty
+normal image scores a perfect 1 in the overall Dice, so the overall mean rewards datasets rich in normal images),
+with the normal-image false-positive rate beside it; ``--sort-by`` picks another score.
 
 Outputs, in ``--out`` (default: the first folder given): ``leaderboard.csv`` (one row per run and test dataset),
-``leaderboard.md`` (one table per test dataset, best mean Dice first, followed by the fold-level table) and
-``folds.csv`` (every fold and ensemble row of every run).
+``leaderboard.md`` (one table per test dataset, stating the settings its scores were computed under, followed by
+the fold-level table) and ``folds.csv`` (every fold and ensemble row of every run).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import pandas as pd
 
 from busbench.atomic import atomic_write_text
 from busbench.config import config_from_file
+from busbench.engine.results import run_of, tag_of
 from busbench.errors import BusbenchError, DataError
 
 SUMMARY = "summary.csv"
@@ -36,13 +46,24 @@ SCORE_COLUMNS = (
     "precision_lesion", "recall_lesion", "hd95_penalised", "normal_fp_rate",
 )  # fmt: skip
 MD_COLUMNS = (
+    ("dice_lesion", 4),
+    ("normal_fp_rate", 3),
     ("dice", 4),
     ("iou", 4),
     ("hd95", 2),
-    ("dice_lesion", 4),
     ("hd95_penalised", 1),
-    ("normal_fp_rate", 3),
 )
+#: scoring settings: scores computed under different values are not comparable
+SETTINGS = ("image_size", "resolution", "hd95_mode", "tta", "threshold")
+#: ``--sort-by`` choices and whether larger is better
+SORT_KEYS = {
+    "dice_lesion": False,
+    "dice": False,
+    "iou": False,
+    "iou_lesion": False,
+    "hd95": True,
+    "hd95_lesion": True,
+}
 
 
 def find_summaries(dirs: list[Path]) -> list[Path]:
@@ -73,18 +94,27 @@ def _read_run(path: Path) -> pd.DataFrame:
         raise DataError(
             f"{path} lacks column(s) {', '.join(missing)}; rerun busbench test on that run to rewrite it"
         )
-    df.insert(0, "run", str(path.parent))
-    config = path.parent / "config.yaml"
+    run = run_of(path)
+    df.insert(0, "run", str(run))
+    df.insert(1, "tag", tag_of(path))
+    config = run / "config.yaml"
     if config.is_file():
         cfg = config_from_file(config)
         expected = cfg.data.folds
         df["experiment"] = df.get("experiment", cfg.experiment.name)
         df["train_data"] = df.get("train_data", "+".join(cfg.data.datasets))
+        if "image_size" not in df.columns:  # summaries written before the input size was recorded
+            df["image_size"] = cfg.data.image_size
     else:
         expected = None
         for col in ("experiment", "train_data"):
             if col not in df.columns:
                 df[col] = ""
+    missing = [c for c in SETTINGS if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"{path} does not record the scoring setting(s) {', '.join(missing)}; rerun busbench test on {run}"
+        )
     df["expected_folds"] = expected
     return df
 
@@ -139,7 +169,60 @@ def _check_manifests(runs: list[pd.DataFrame], allow_mixed: bool) -> None:
         )
 
 
-def leaderboard(runs: list[pd.DataFrame]) -> pd.DataFrame:
+def _setting_text(value: object) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _settings_of(runs: list[pd.DataFrame]) -> pd.DataFrame:
+    """One row per (run, tag, dataset) with its scoring settings as text."""
+    frames = [
+        df.groupby("dataset", sort=True)[[*SETTINGS, "run", "tag"]].first().reset_index() for df in runs
+    ]
+    settings = pd.concat(frames, ignore_index=True)
+    for col in SETTINGS:
+        settings[col] = settings[col].map(_setting_text)
+    return settings
+
+
+def mixed_settings(runs: list[pd.DataFrame]) -> dict[str, list[str]]:
+    """Per dataset, the settings that differ between its runs (only datasets where some do)."""
+    settings = _settings_of(runs)
+    mixed = {}
+    for dataset, group in settings.groupby("dataset", sort=True):
+        # a setting a summary leaves empty (busbench score: another tool's threshold, input size, TTA) is unknown,
+        # not different
+        differing = [c for c in SETTINGS if group.loc[~group[c].isin(("nan", "")), c].nunique() > 1]
+        if differing:
+            mixed[str(dataset)] = differing
+    return mixed
+
+
+def _check_settings(runs: list[pd.DataFrame], allow_mixed: bool) -> dict[str, list[str]]:
+    mixed = mixed_settings(runs)
+    if mixed and not allow_mixed:
+        settings = _settings_of(runs)
+        parts = []
+        for dataset, cols in mixed.items():
+            group = settings[settings["dataset"] == dataset]
+            shown = ", ".join(
+                f"{r['run']}{' @' + r['tag'] if r['tag'] else ''} ("
+                + ", ".join(f"{c}={r[c]}" for c in cols)
+                + ")"
+                for _, r in group.iterrows()
+            )
+            parts.append(f"{dataset}: {shown}")
+        raise DataError(
+            "runs scored under different settings are not put in one table: "
+            + "; ".join(parts)
+            + ". Score them alike (busbench test --run DIR --set eval.KEY=VALUE --tag NAME), or pass --allow-mixed "
+            "to tabulate them with the differing settings shown"
+        )
+    return mixed
+
+
+def leaderboard(runs: list[pd.DataFrame], sort_by: str = "dice_lesion") -> pd.DataFrame:
     """One row per run and test dataset: ``<score>_mean``, ``<score>_std`` over fold models, ``ensemble_<score>``."""
     rows = []
     for df in runs:
@@ -152,6 +235,7 @@ def leaderboard(runs: list[pd.DataFrame]) -> pd.DataFrame:
                 "train_data": first["train_data"],
                 "dataset": dataset,
                 "model": first["model"],
+                "tag": first["tag"],
                 "n_folds": len(folds),
                 "n_test": int(folds["n_test"].iloc[0]) if "n_test" in folds else np.nan,
             }
@@ -166,12 +250,16 @@ def leaderboard(runs: list[pd.DataFrame]) -> pd.DataFrame:
             row["train_seconds"] = (
                 float(folds["train_seconds"].astype(float).sum()) if "train_seconds" in folds else np.nan
             )
+            for col in (*SETTINGS, "selection_threshold"):
+                row[col] = _setting_text(first[col]) if col in first else ""
             row["manifest_sha256"] = first.get("manifest_sha256", "")
             row["run"] = first["run"]
             rows.append(row)
     board = pd.DataFrame(rows)
+    if sort_by not in SORT_KEYS:
+        raise BusbenchError(f"--sort-by {sort_by!r}: choose one of {', '.join(SORT_KEYS)}")
     return board.sort_values(
-        ["dataset", "dice_mean", "model"], ascending=[True, False, True], kind="mergesort"
+        ["dataset", f"{sort_by}_mean", "model"], ascending=[True, SORT_KEYS[sort_by], True], kind="mergesort"
     )
 
 
@@ -185,31 +273,66 @@ def _md_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def to_markdown(board: pd.DataFrame, folds: pd.DataFrame) -> str:
-    """Per test dataset: mean ± std over fold models and the ensemble; then the fold-level scores."""
+_RESOLUTION_TEXT = {
+    "original": "each image's original resolution (ground truth not resampled)",
+    "network": "the network's input resolution, letterbox padding excluded",
+}
+
+
+def _settings_sentence(r: pd.Series) -> str:
+    resolution = _RESOLUTION_TEXT.get(str(r["resolution"]), f"resolution {r['resolution']}")
+    tta = "with" if str(r["tta"]).lower() in ("true", "1") else "without"
+    return (
+        f"Scored at {resolution}; input {r['image_size']} px; threshold {r['threshold']}; {tta} flip TTA; "
+        f"HD95 {r['hd95_mode']}, in pixels at that resolution."
+    )
+
+
+def to_markdown(
+    board: pd.DataFrame,
+    folds: pd.DataFrame,
+    mixed: dict[str, list[str]] | None = None,
+    sort_by: str = "dice_lesion",
+) -> str:
+    """Per test dataset: its scoring settings, mean ± std over fold models and the ensemble; then the fold-level
+    scores. ``mixed`` names, per dataset, settings that differ between its rows (shown as columns)."""
+    mixed = mixed or {}
     parts = [
         "# Leaderboard",
         "",
         "Mean ± std (ddof=1) over the fold models on the held-out test split; `ens` is the fold ensemble "
-        "(mean of the fold models' probabilities). HD95 in pixels at the evaluation resolution; "
-        "`pen.` counts images charged the worst-case HD95; `FP normal` is the share of normal images with any "
-        "predicted lesion pixel.",
+        "(mean of the fold models' probabilities). `Dice lesion` is the mean over benign and malignant images; "
+        "`Dice` over all images, where a correctly empty normal image counts 1. `pen.` counts images charged the "
+        "worst-case HD95 (diagonal of the image); `FP normal` is the share of normal images with any predicted "
+        f"lesion pixel. Rows ranked by {sort_by} (fold mean).",
         "",
     ]
     for dataset, group in board.groupby("dataset", sort=True):
         n_test = group["n_test"].iloc[0]
+        differing = mixed.get(str(dataset), [])
         parts += [f"## {dataset} (test images: {_fmt(float(n_test), 0)})", ""]
+        if differing:
+            parts += [
+                f"**Mixed settings ({', '.join(differing)} differ between rows; tabulated with --allow-mixed): "
+                "these scores are not directly comparable.**",
+                "",
+            ]
+        else:
+            parts += [_settings_sentence(group.iloc[0]), ""]
         header = [
             "model",
             "experiment",
             "train data",
+            *(["tag"] if (group["tag"] != "").any() else []),
+            *differing,
             "folds",
+            "Dice lesion",
+            "FP normal",
             "Dice",
             "IoU",
             "HD95",
-            "Dice lesion",
             "pen.",
-            "FP normal",
+            "ens Dice lesion",
             "ens Dice",
             "ens HD95",
             "params (M)",
@@ -217,10 +340,14 @@ def to_markdown(board: pd.DataFrame, folds: pd.DataFrame) -> str:
         ]
         body = []
         for _, r in group.iterrows():
-            cells = [str(r["model"]), str(r["experiment"]), str(r["train_data"]), str(r["n_folds"])]
+            cells = [str(r["model"]), str(r["experiment"]), str(r["train_data"])]
+            cells += [str(r["tag"])] if (group["tag"] != "").any() else []
+            cells += [str(r[c]) for c in differing]
+            cells += [str(r["n_folds"])]
             for col, digits in MD_COLUMNS:
                 cells.append(f"{_fmt(r[f'{col}_mean'], digits)} ± {_fmt(r[f'{col}_std'], digits)}")
             cells += [
+                _fmt(r["ensemble_dice_lesion"], 4),
                 _fmt(r["ensemble_dice"], 4),
                 _fmt(r["ensemble_hd95"], 2),
                 _fmt(r["params_m"], 2),
@@ -249,7 +376,9 @@ def to_markdown(board: pd.DataFrame, folds: pd.DataFrame) -> str:
     return "\n".join(parts)
 
 
-def aggregate(dirs: list[Path], out: Path | None = None, allow_mixed: bool = False) -> tuple[Path, Path]:
+def aggregate(
+    dirs: list[Path], out: Path | None = None, allow_mixed: bool = False, sort_by: str = "dice_lesion"
+) -> tuple[Path, Path]:
     """Write ``leaderboard.csv``, ``leaderboard.md`` and ``folds.csv`` for every run under ``dirs`` into ``out``."""
     dirs = [Path(d) for d in dirs]
     if not dirs:
@@ -262,7 +391,8 @@ def aggregate(dirs: list[Path], out: Path | None = None, allow_mixed: bool = Fal
     runs = [_read_run(p) for p in paths]
     _check_complete(runs)
     _check_manifests(runs, allow_mixed)
-    board = leaderboard(runs)
+    mixed = _check_settings(runs, allow_mixed)
+    board = leaderboard(runs, sort_by)
     every = pd.concat(runs, ignore_index=True)
     every = every[every["fold"].astype(str).str.fullmatch(r"\d+|ensemble")]
     every = every.drop(columns=["expected_folds"])
@@ -273,7 +403,7 @@ def aggregate(dirs: list[Path], out: Path | None = None, allow_mixed: bool = Fal
     fold_rows = every[every["fold"] != "ensemble"]
     atomic_write_text(out / "folds.csv", every.to_csv(index=False, lineterminator="\n"))
     atomic_write_text(csv_path, board.to_csv(index=False, lineterminator="\n"))
-    atomic_write_text(md_path, to_markdown(board, fold_rows))
+    atomic_write_text(md_path, to_markdown(board, fold_rows, mixed, sort_by))
     return csv_path, md_path
 
 
@@ -291,12 +421,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-mixed",
         action="store_true",
-        help="tabulate runs of one dataset even when their manifests (splits) differ",
+        help="tabulate runs of one dataset even when their manifests (splits) or scoring settings differ "
+        "(the differing settings are shown as columns)",
+    )
+    parser.add_argument(
+        "--sort-by",
+        default="dice_lesion",
+        choices=list(SORT_KEYS),
+        help="fold-mean score that ranks the rows (default: %(default)s; hd95 ranks smallest first)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    csv_path, md_path = aggregate(args.dirs, args.out, allow_mixed=args.allow_mixed)
+    csv_path, md_path = aggregate(args.dirs, args.out, allow_mixed=args.allow_mixed, sort_by=args.sort_by)
     print(md_path.read_text(encoding="utf-8"))
     print(f"wrote {csv_path}, {md_path} and {csv_path.parent / 'folds.csv'}")
     return 0
