@@ -149,6 +149,7 @@ class EvalConfig(_Section):
 class OutputConfig(_Section):
     root: str = "results"
     tensorboard: bool = True
+    tracker: Literal["tensorboard", "mlflow", "wandb"] = "tensorboard"
     overlays: int = Field(4, ge=0)
 
 

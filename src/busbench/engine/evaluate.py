@@ -57,7 +57,7 @@ from busbench.config import Config, config_from_file, deep_merge, parse_override
 from busbench.data import leakage
 from busbench.data.geometry import LetterboxInfo, restore
 from busbench.engine import checkpoint as ckpt
-from busbench.engine import results, tasks
+from busbench.engine import results, tasks, trackers
 from busbench.engine.inference import amp_dtype, resolve_device
 from busbench.engine.runlog import LOG, ensure_console_logging
 from busbench.engine.train import CONFIG_FILE, DONE_FILE, build_model, sample_table
