@@ -20,7 +20,10 @@ from busbench.errors import BusbenchError
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("busbench.data.synth", "write a synthetic BUS-like dataset in a public dataset's raw layout"),
     "prepare": ("busbench.data.prepare", "raw data -> derived masks, manifest CSV and summary JSON"),
-    "audit": ("busbench.data.audit", "check a prepared dataset for leakage, missing files and bad masks"),
+    "audit": (
+        "busbench.data.audit",
+        "check a prepared dataset for leakage, missing files and bad masks, or any split file (--split-file)",
+    ),
     "train": ("busbench.engine.train", "train one fold, or all folds, of an experiment"),
     "test": (
         "busbench.engine.evaluate",
