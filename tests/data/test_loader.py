@@ -24,10 +24,11 @@ from busbench.data.loader import (
     SegmentationDataset,
     build_datasets,
     build_test_dataset,
+    device_batch,
     fold_rows,
     load_dataset_rows,
     make_loader,
-    normalize_image,
+    normalize_images,
     test_rows,
 )
 from busbench.errors import DataError
@@ -194,41 +195,133 @@ def test_item_contract(rows, channels):
     labels = {"normal": 0, "benign": 1, "malignant": 2}
     for i in range(len(ds)):
         item = ds[i]
-        assert item["image"].shape == (channels, 40, 40) and item["image"].dtype == torch.float32
-        assert item["mask"].shape == (1, 40, 40) and item["mask"].dtype == torch.float32
-        assert item["class_map"].shape == (40, 40) and item["class_map"].dtype == torch.int64
-        assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
+        # everything uint8 as loaded: the image un-normalised, the targets as class indices
+        assert item["image"].shape == (channels, 40, 40) and item["image"].dtype == torch.uint8
+        assert item["mask"].shape == (1, 40, 40) and item["mask"].dtype == torch.uint8
+        assert item["class_map"].shape == (40, 40) and item["class_map"].dtype == torch.uint8
+        assert set(item["mask"].unique().tolist()) <= {0, 1}
         assert torch.equal(item["mask"][0] > 0, item["class_map"] > 0)
         assert item["label"] == labels[rows.loc[i, "label"]] and item["index"] == i
         assert set(item["class_map"].unique().tolist()) <= {0, item["label"]}
-        assert item["image"].min() >= 0.0 and item["image"].max() <= 1.0
-        if channels == 3:  # grey sources replicate; the RGB rows carry a red mark in the corner
-            pixels, _ = ds.pixels(i)
-            np.testing.assert_allclose(item["image"].numpy(), pixels.transpose(2, 0, 1) / 255.0, atol=1e-7)
+        pixels, class_map = ds.pixels(i)  # not augmented: the item is the square pixels themselves
+        np.testing.assert_array_equal(item["image"].numpy(), pixels.transpose(2, 0, 1))
+        np.testing.assert_array_equal(item["class_map"].numpy(), class_map)
     with pytest.raises(IndexError):
         ds[len(ds)]
 
 
+def float_path(image: np.ndarray, mode: str) -> np.ndarray:
+    """The per-sample float32 normalisation the dataset applied on the host before it returned uint8 (the same
+    float32 operations in the same order), kept here to show that moving it onto the device changed nothing."""
+    chw = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+    chw *= np.float32(1.0 / 255.0)
+    if mode == "per_image":
+        mean, std = chw.mean(dtype=np.float64), chw.std(dtype=np.float64)
+        chw -= np.float32(mean)
+        if std > 1e-6:
+            chw *= np.float32(1.0 / std)
+    elif mode == "imagenet":
+        c = chw.shape[0]
+        mean = np.asarray(IMAGENET_MEAN if c == 3 else (sum(IMAGENET_MEAN) / 3,), np.float32)[:, None, None]
+        std = np.asarray(IMAGENET_STD if c == 3 else (sum(IMAGENET_STD) / 3,), np.float32)[:, None, None]
+        chw -= mean
+        chw /= std
+    return chw
+
+
 def test_normalisations():
     rng = np.random.default_rng(0)
-    img3 = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    unit = normalize_image(img3, "unit")
-    np.testing.assert_allclose(unit, img3.transpose(2, 0, 1) / 255.0, atol=1e-7)
-    per = normalize_image(img3, "per_image")
-    assert abs(float(per.mean())) < 1e-5 and abs(float(per.std()) - 1) < 1e-4
-    imnet = normalize_image(img3, "imagenet")
-    reference = TF.normalize(
-        torch.from_numpy(img3).permute(2, 0, 1).float() / 255, IMAGENET_MEAN, IMAGENET_STD
-    )
-    np.testing.assert_allclose(imnet, reference.numpy(), atol=1e-6)
-    grey = img3[:, :, :1]
+    img3 = rng.integers(0, 256, (2, 3, 16, 16), dtype=np.uint8)
+    batch = torch.from_numpy(img3)
+    unit = normalize_images(batch, "unit")
+    assert unit.dtype == torch.float32
+    np.testing.assert_allclose(unit.numpy(), img3 / 255.0, atol=1e-7)
+    per = normalize_images(batch, "per_image").numpy()
+    for b in range(2):  # each image on its own
+        assert abs(float(per[b].mean())) < 1e-5 and abs(float(per[b].std()) - 1) < 1e-4
+    imnet = normalize_images(batch, "imagenet")
+    torch.testing.assert_close(imnet, TF.normalize(batch.float() / 255, IMAGENET_MEAN, IMAGENET_STD))
+    grey = batch[:, :1]
     np.testing.assert_allclose(
-        normalize_image(grey, "imagenet"), (grey.transpose(2, 0, 1) / 255.0 - 0.449) / 0.226, atol=1e-6
+        normalize_images(grey, "imagenet").numpy(), (img3[:, :1] / 255.0 - 0.449) / 0.226, atol=1e-6
     )
-    flat = normalize_image(np.full((8, 8, 1), 77, np.uint8), "per_image")
-    assert np.isfinite(flat).all() and np.abs(flat).max() < 1e-6
+    flat = normalize_images(torch.full((1, 1, 8, 8), 77, dtype=torch.uint8), "per_image")
+    assert torch.isfinite(flat).all() and flat.abs().max() < 1e-6
     with pytest.raises(ValueError):
-        normalize_image(img3, "zscore")
+        normalize_images(batch, "zscore")
+    with pytest.raises(TypeError, match="uint8"):  # normalising twice is refused, not silently done
+        normalize_images(unit, "unit")
+
+
+@pytest.mark.parametrize("mode", ["unit", "per_image", "imagenet"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_device_normalisation_equals_the_former_host_float_path(rows, mode, channels):
+    """Every augmented training batch normalised on the device equals the former per-sample float32 path (unit and
+    imagenet bit for bit; per_image within float32 rounding, its statistics being summed in another order)."""
+    ds = SegmentationDataset(rows, 32, "letterbox", channels, mode, augment="bus")
+    for batch in make_loader(ds, 4, shuffle=True, seed=5, num_workers=0):
+        expected = np.stack([float_path(img.permute(1, 2, 0).numpy(), mode) for img in batch["image"]])
+        x, y = device_batch(batch, mode, "cpu", channels_last=True)
+        assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+        if mode == "per_image":
+            np.testing.assert_allclose(x.numpy(), expected, rtol=1e-6, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(x.numpy(), expected)
+        assert y.dtype == torch.float32 and y.shape == (len(x), 1, 32, 32)
+        assert torch.equal(y, (batch["class_map"][:, None] > 0).float())
+
+
+def test_training_on_uint8_batches_gives_the_weights_of_the_float_path(rows):
+    """A few optimiser steps of a small network: inputs normalised on the device vs the former float32 tensors."""
+    ds = SegmentationDataset(rows, 32, "letterbox", 1, "per_image", augment="bus")
+    loader = make_loader(ds, 4, shuffle=True, seed=1, num_workers=0)
+    weights = []
+    for device_path in (True, False):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 3, padding=1)
+        )
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        loader.sampler.set_epoch(0)
+        for batch in loader:
+            if device_path:
+                x, y = device_batch(batch, "per_image", "cpu")
+            else:
+                x = torch.from_numpy(
+                    np.stack(
+                        [float_path(img.permute(1, 2, 0).numpy(), "per_image") for img in batch["image"]]
+                    )
+                )
+                y = (batch["class_map"][:, None] > 0).float()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        weights.append([p.detach().clone() for p in net.parameters()])
+    for a, b in zip(*weights, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_uint8_targets_train_every_task_mode_as_before(rows):
+    """Multi-class class maps, multitask labels and Mask R-CNN instances read uint8 batches as they read the former
+    int64 class maps and float32 masks."""
+    from busbench.methods.multiclass import MulticlassLoss
+    from busbench.models.maskrcnn import maskrcnn_targets_from_masks
+
+    ds = SegmentationDataset(rows, 32, "letterbox", 1, "unit", augment="bus")
+    batch = next(iter(make_loader(ds, 6, shuffle=True, seed=2, num_workers=0)))
+    assert batch["label"].dtype == torch.int64 and batch["class_map"].dtype == torch.uint8
+    logits = torch.randn(len(batch["index"]), 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    loss = MulticlassLoss(ce_weight=0.5)
+    assert batch["class_map"].max() > 0
+    torch.testing.assert_close(
+        loss(logits, batch["class_map"]), loss(logits, batch["class_map"].long()), rtol=0, atol=0
+    )
+    old = maskrcnn_targets_from_masks(batch["mask"].float())
+    new = maskrcnn_targets_from_masks(batch["mask"])
+    assert sum(len(t["boxes"]) for t in new) > 0
+    for a, b in zip(old, new, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in ("boxes", "labels", "masks"))
 
 
 def test_original_size_helpers_round_trip(rows):
@@ -333,7 +426,9 @@ def test_make_loader_settings(rows):
 def test_real_busi_cache_matches_png_and_masks_restore(real_data_root, tmp_path):
     from busbench.data.prepare import prepare
 
-    prepare(["busi"], data_root=tmp_path / "data", raw_root=real_data_root, folds=3, progress=False, splits="new")
+    prepare(
+        ["busi"], data_root=tmp_path / "data", raw_root=real_data_root, folds=3, progress=False, splits="new"
+    )
     cfg = make_cfg(tmp_path / "data", image_size=96, channels=1)
     rows, info = load_dataset_rows(cfg, "busi")
     folder = ensure_cache(

@@ -102,7 +102,7 @@ def test_best_checkpoint_is_the_best_validation_epoch(one_fold, synthetic_root):
 def test_validation_metrics_recomputed_from_best_weights(one_fold, synthetic_root):
     """Reload the best weights and score the validation fold independently (plain numpy Dice)."""
     out, fold_dir = one_fold
-    from busbench.data.loader import build_datasets
+    from busbench.data.loader import build_datasets, network_input
 
     cfg = config_from_file(out / "demo" / "busi" / "unet" / "config.yaml")
     _, val_ds = build_datasets(cfg, 0)
@@ -113,7 +113,8 @@ def test_validation_metrics_recomputed_from_best_weights(one_fold, synthetic_roo
     with torch.inference_mode():
         for i in range(len(val_ds)):
             item = val_ds[i]
-            pred = torch.sigmoid(model(item["image"][None]))[0, 0].numpy() >= 0.5
+            x = network_input(item["image"][None], cfg.data.normalize)
+            pred = torch.sigmoid(model(x))[0, 0].numpy() >= 0.5
             gt = item["mask"][0].numpy() >= 0.5
             denom = pred.sum() + gt.sum()
             dice[val_ds.rows["sample_id"][i]] = 1.0 if denom == 0 else 2 * (pred & gt).sum() / denom

@@ -20,7 +20,7 @@ from sklearn.metrics import confusion_matrix
 from busbench.config import Config, load_config
 from busbench.data.decode import read_class_map
 from busbench.data.geometry import restore
-from busbench.data.loader import build_datasets, build_test_dataset
+from busbench.data.loader import build_datasets, build_test_dataset, network_input
 from busbench.data.prepare import prepare
 from busbench.data.synth import synthesize
 from busbench.engine import checkpoint as ckpt
@@ -99,7 +99,8 @@ def check_multiclass_run(cfg: Config, original: bool = False) -> None:
     with torch.no_grad():
         for i in range(len(ds)):
             item = ds[i]
-            probs = [torch.softmax(m(item["image"][None]), dim=1) for m in models]
+            x = network_input(item["image"][None], cfg.data.normalize)
+            probs = [torch.softmax(m(x), dim=1) for m in models]
             sources = {"fold0": probs[0], "ensemble": (probs[0] + probs[1]) / 2}
             sid = ds.rows["sample_id"][i]
             for name, p in sources.items():
@@ -203,7 +204,8 @@ def test_multitask_on_busi_with_oversampling_and_refinement(busi_root, tmp_path)
     model = fold_model(cfg, 0)
     ds = build_test_dataset(cfg)
     with torch.no_grad():
-        cls = torch.softmax(model(torch.stack([ds[i]["image"] for i in range(len(ds))]))[1], dim=1).numpy()
+        x = network_input(torch.stack([ds[i]["image"] for i in range(len(ds))]), cfg.data.normalize)
+        cls = torch.softmax(model(x)[1], dim=1).numpy()
     fold0 = raw["fold0"].loc[ds.rows["sample_id"]]
     np.testing.assert_allclose(fold0[[f"prob_{c}" for c in CLASS_LABELS]].to_numpy(), cls, atol=1e-5)
     assert fold0["pred_label"].tolist() == [CLASS_LABELS[k] for k in cls.argmax(axis=1)]

@@ -6,7 +6,9 @@ Flow: :func:`load_dataset_rows` reads ``<data_root>/manifests/<key>.csv`` and re
 batches them reproducibly. :func:`build_datasets` and :func:`build_test_dataset` do all of it from a config.
 
 Per sample: decode -> square (letterbox or resize, see :mod:`busbench.data.geometry`) -> augmentation on uint8
-(:mod:`busbench.data.augment`) -> normalisation -> tensors.
+(:mod:`busbench.data.augment`) -> uint8 tensors. Normalisation happens after the batch has reached its device:
+:func:`network_input` is the one place where uint8 images become the network's float input, for training, testing
+and prediction alike (:func:`device_batch` adds the float lesion masks for the loss).
 
 Reproducibility. :func:`make_loader` draws, for every epoch, the order of the samples and one augmentation seed per
 sample from ``(seed, epoch)``; the dataset reseeds its augmentation pipeline with that seed before transforming the
@@ -136,43 +138,79 @@ test_rows.__test__ = False  # type: ignore[attr-defined]  # a row selector, not 
 # ------------------------------------------------------------------------------------------------ normalisation
 
 
-def normalize_image(image: np.ndarray, mode: str) -> np.ndarray:
-    """``(S, S, C)`` uint8 -> ``(C, S, S)`` float32 network input.
-
-    ``unit``: x / 255. ``per_image``: zero mean and unit standard deviation over the whole input (padding included;
-    a constant image becomes all zeros). ``imagenet``: (x / 255 - mean) / std with ImageNet's RGB statistics, or
-    their channel averages for grey input.
-    """
+def _check_mode(mode: str) -> None:
     if mode not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {mode!r}")
-    chw = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
-    chw *= np.float32(1.0 / 255.0)
+
+
+def normalize_images(images: torch.Tensor, mode: str) -> torch.Tensor:
+    """``(B, C, S, S)`` uint8 images -> float32 network input, on the images' device.
+
+    ``unit``: x / 255. ``per_image``: zero mean and unit standard deviation over each whole image (all channels,
+    padding included; statistics in float64; a constant image becomes all zeros). ``imagenet``: (x / 255 - mean) /
+    std with ImageNet's RGB statistics, or their channel averages for grey input.
+    """
+    _check_mode(mode)
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise TypeError(
+            f"normalize_images takes a (B, C, S, S) uint8 batch as the dataset returns it, got {images.dtype} "
+            f"{tuple(images.shape)}"
+        )
+    x = images.to(torch.float32) * torch.tensor(1.0 / 255.0, dtype=torch.float32, device=images.device)
     if mode == "per_image":
-        mean = chw.mean(dtype=np.float64)
-        std = chw.std(dtype=np.float64)
-        chw -= np.float32(mean)
-        if std > 1e-6:
-            chw *= np.float32(1.0 / std)
+        flat = x.flatten(1).to(torch.float64)
+        shape = (-1, 1, 1, 1)
+        mean = flat.mean(dim=1)
+        std = flat.std(dim=1, correction=0)
+        scale = torch.where(std > 1e-6, 1.0 / std, torch.ones_like(std))
+        x = (x - mean.to(torch.float32).view(shape)) * scale.to(torch.float32).view(shape)
     elif mode == "imagenet":
-        c = chw.shape[0]
-        mean = np.asarray(IMAGENET_MEAN if c == 3 else IMAGENET_GREY_MEAN * c, dtype=np.float32)[
-            :, None, None
-        ]
-        std = np.asarray(IMAGENET_STD if c == 3 else IMAGENET_GREY_STD * c, dtype=np.float32)[:, None, None]
-        chw -= mean
-        chw /= std
-    return chw
+        c = x.shape[1]
+        mean = torch.tensor(IMAGENET_MEAN if c == 3 else IMAGENET_GREY_MEAN * c, dtype=torch.float32)
+        std = torch.tensor(IMAGENET_STD if c == 3 else IMAGENET_GREY_STD * c, dtype=torch.float32)
+        x = (x - mean.to(x.device).view(1, c, 1, 1)) / std.to(x.device).view(1, c, 1, 1)
+    return x
+
+
+def network_input(
+    images: torch.Tensor,
+    normalize: str,
+    device: torch.device | str | None = None,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """A loaded ``(B, C, S, S)`` uint8 image batch as the network takes it: moved to ``device`` as uint8 (a quarter
+    of float32's bytes), then normalised there (:func:`normalize_images`), optionally in channels-last layout.
+
+    The trainer, the evaluator and ``busbench predict`` all go through here, so the network sees the same input
+    in training, testing and prediction.
+    """
+    _check_mode(normalize)
+    x = images if device is None else images.to(device, non_blocking=True)
+    x = normalize_images(x, normalize)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def device_batch(
+    batch: dict[str, Any], normalize: str, device: torch.device | str, channels_last: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network input (:func:`network_input`) and the float32 ``(B, 1, S, S)`` lesion masks of a loaded batch,
+    on ``device``: what the training step feeds the model and the loss."""
+    x = network_input(batch["image"], normalize, device, channels_last)
+    y = batch["mask"].to(device, non_blocking=True).to(torch.float32)
+    return x, y
 
 
 # ------------------------------------------------------------------------------------------------ dataset
 
 
 class SegmentationDataset(Dataset):
-    """Manifest rows (absolute paths) as network inputs.
+    """Manifest rows (absolute paths) as network-size samples.
 
-    ``dataset[i]`` is a dict: ``image`` float32 ``(C, S, S)``, ``mask`` float32 ``(1, S, S)`` in {0, 1}, ``class_map``
-    int64 ``(S, S)`` (0 background, 1 benign, 2 malignant), ``label`` int (0 normal, 1 benign, 2 malignant) and
-    ``index`` int (the row's position in :attr:`rows`).
+    ``dataset[i]`` is a dict: ``image`` uint8 ``(C, S, S)`` (augmented, not normalised), ``mask`` uint8 ``(1, S, S)``
+    in {0, 1}, ``class_map`` uint8 ``(S, S)`` (0 background, 1 benign, 2 malignant), ``label`` int (0 normal,
+    1 benign, 2 malignant) and ``index`` int (the row's position in :attr:`rows`). Everything stays uint8 so that a
+    sample crosses from a DataLoader worker in a fifth of the bytes of float32/int64 tensors; the consumer
+    normalises on its device with :func:`network_input` (mode :attr:`normalize`) and casts the targets there.
 
     ``augment`` is a preset name (``none``/``light``/``bus``), a ready albumentations ``Compose`` or None. ``cache``, when
     given, must hold every row at the same ``(image_size, resize, channels)``; pixels then come from it instead of
@@ -191,8 +229,7 @@ class SegmentationDataset(Dataset):
         cache: ArrayCache | None = None,
         seed: int = 0,
     ):
-        if normalize not in NORMALIZE_MODES:
-            raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+        _check_mode(normalize)
         self.settings = CacheSettings(int(image_size), resize, int(channels))
         missing = [
             c
@@ -255,11 +292,11 @@ class SegmentationDataset(Dataset):
             if sample_seed is not None:
                 seed_augment(self.augment, sample_seed)
             image, class_map = apply_augment(self.augment, image, class_map)
-        class_map = np.ascontiguousarray(class_map)
+        class_map = np.ascontiguousarray(class_map, dtype=np.uint8)
         return {
-            "image": torch.from_numpy(normalize_image(image, self.normalize)),
-            "mask": torch.from_numpy((class_map > 0).astype(np.float32)[None]),
-            "class_map": torch.from_numpy(class_map.astype(np.int64)),
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.uint8)),
+            "mask": torch.from_numpy((class_map > 0).view(np.uint8)[None]),
+            "class_map": torch.from_numpy(class_map),
             "label": int(self.labels[index]),
             "index": index,
         }

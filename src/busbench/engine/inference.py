@@ -74,7 +74,10 @@ def predict(
     tta: bool = False,
     channels_last: bool = False,
 ) -> Tensor:
-    """Foreground probabilities of every model on one batch: ``(n_models, B, H, W)`` float32 on the CPU."""
+    """Foreground probabilities of every model on one batch: ``(n_models, B, H, W)`` float32 on the CPU.
+
+    ``images`` is the network input, already normalised (:func:`busbench.data.loader.network_input`).
+    """
     x = images.to(device, non_blocking=True)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

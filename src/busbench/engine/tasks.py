@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from busbench.atomic import atomic_write_text
 from busbench.config import Config
+from busbench.data.loader import network_input
 from busbench.engine.checkpoint import unwrap
 from busbench.engine.inference import autocast, predict
 from busbench.errors import ConfigError, ModelError
@@ -219,7 +220,10 @@ class Task:
         tta: bool = False,
         channels_last: bool = False,
     ) -> Prediction:
-        return Prediction(predict(models, images, device, dtype, tta=tta, channels_last=channels_last))
+        """Probabilities of every model on one batch of ``(B, C, S, S)`` uint8 images as loaded; they are normalised
+        on ``device`` (:func:`busbench.data.loader.network_input`, ``data.normalize``)."""
+        x = network_input(images, self.cfg.data.normalize, device, channels_last)
+        return Prediction(predict(models, x, device, dtype, tta=tta))
 
     def finalize(self, pred: Prediction, threshold: float) -> Prediction:
         """Post-processing applied to every source after ensembling (multitask: refinement)."""
@@ -298,7 +302,7 @@ class MulticlassTask(Task):
         tta: bool = False,
         channels_last: bool = False,
     ) -> Prediction:
-        x = _to_device(images, device, channels_last)
+        x = network_input(images, self.cfg.data.normalize, device, channels_last)
         probs = []
         with autocast(device, dtype):
             for model in models:
@@ -377,7 +381,7 @@ class MultitaskTask(Task):
         tta: bool = False,
         channels_last: bool = False,
     ) -> Prediction:
-        x = _to_device(images, device, channels_last)
+        x = network_input(images, self.cfg.data.normalize, device, channels_last)
         segs, classes = [], []
         with autocast(device, dtype):
             for model in models:
@@ -437,11 +441,6 @@ class MultitaskTask(Task):
 
 def _json_safe(scores: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in scores.items()}
-
-
-def _to_device(images: Tensor, device: torch.device, channels_last: bool) -> Tensor:
-    x = images.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def _main(out: Tensor | Sequence[Tensor]) -> Tensor:

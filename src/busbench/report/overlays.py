@@ -110,9 +110,8 @@ def overlay_cases(run_dir: str | Path, source: str = "ensemble", n: int = 3) -> 
                 f"changed since testing. Rerun busbench test --run {run_dir}"
             )
         item = ds[int(where[0])]
-        probs = predict(
-            models, item["image"][None], device, dtype, tta=tta, channels_last=cfg.train.channels_last
-        )
+        x = data_loader.network_input(item["image"][None], cfg.data.normalize, device, cfg.train.channels_last)
+        probs = predict(models, x, device, dtype, tta=tta)
         prob = probs.mean(dim=0)[0]
         pixels, _ = ds.pixels(int(where[0]))
         image = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
