@@ -148,6 +148,59 @@ def test_format_version_is_part_of_the_key(prepared, monkeypatch):
     assert _build(prepared, CacheSettings(32, "letterbox", 1)) != first
 
 
+def test_edited_preprocessing_code_never_reuses_stale_pixels(prepared, tmp_path, monkeypatch):
+    """The geometry module's source is edited (here: its file holds other bytes, and the edited resizer mirrors
+    every image): the next build keys a new folder, holding the new code's pixels, and the dataset reads those."""
+    import busbench.data.geometry as geometry
+
+    settings = CacheSettings(32, "letterbox", 1)
+    first = _build(prepared, settings)
+    rows, _ = load_dataset_rows(make_cfg(prepared), "busi")
+    edited = tmp_path / "geometry.py"
+    edited.write_bytes(Path(geometry.__file__).read_bytes() + b"\n# mirrored\n")
+
+    def mirrored(row, size, mode, channels):
+        image, class_map, info = square_row(row, size, mode, channels)
+        return image[:, ::-1].copy(), class_map[:, ::-1].copy(), info
+
+    try:
+        monkeypatch.setattr(geometry, "__file__", str(edited))
+        monkeypatch.setattr(cache_mod, "square_row", mirrored)
+        cache_mod._module_digest.cache_clear()
+        second = _build(prepared, settings)
+        assert second != first and (first / INDEX_FILE).is_file()  # the old folder is left for other readers
+        assert (
+            json.loads((second / INDEX_FILE).read_text())["code"]
+            != json.loads((first / INDEX_FILE).read_text())["code"]
+        )
+        ds = SegmentationDataset(rows, 32, "letterbox", 1, cache=ArrayCache([second]))
+        for i, rec in enumerate(rows.to_dict("records")):
+            image, class_map, _ = mirrored(rec, 32, "letterbox", 1)
+            np.testing.assert_array_equal(ds[i]["image"][0].numpy(), image[:, :, 0])
+            np.testing.assert_array_equal(ds[i]["class_map"].numpy(), class_map)
+    finally:
+        monkeypatch.undo()
+        cache_mod._module_digest.cache_clear()
+    assert _build(prepared, settings) == first  # the original code finds its own cache again
+
+
+def test_preprocessing_digest_follows_the_source_and_opencv(tmp_path, monkeypatch):
+    module = tmp_path / "pixel_code_v.py"
+    module.write_text("SCALE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        before = cache_mod.preprocessing_digest(["pixel_code_v"])
+        assert cache_mod.preprocessing_digest(["pixel_code_v"]) == before  # stable while nothing changes
+        module.write_text("SCALE = 2\n")
+        cache_mod._module_digest.cache_clear()
+        assert cache_mod.preprocessing_digest(["pixel_code_v"]) != before
+        defaults = cache_mod.preprocessing_digest()
+        monkeypatch.setattr(cache_mod.cv2, "__version__", "0.0.0-other")
+        assert cache_mod.preprocessing_digest() != defaults
+    finally:
+        cache_mod._module_digest.cache_clear()
+
+
 def test_failed_build_leaves_nothing(prepared, monkeypatch):
     calls = {"n": 0}
     real = cache_mod.square_row

@@ -12,9 +12,11 @@ Both arrays are opened as read-only memory maps, so DataLoader workers and the f
 through the page cache. The pixels are exactly :func:`busbench.data.decode.square_row`'s output, the same function
 the on-the-fly loader uses.
 
-``<hash>`` covers the manifest's sha256, the preprocessing settings, :data:`CACHE_FORMAT_VERSION` and the size and
-modification time of every image and mask file, so a new manifest, regenerated masks or another setting lead to a
-different folder and a rebuild; a cache is never reused stale. Folders are built under a temporary name and renamed
+``<hash>`` covers the manifest's sha256, the preprocessing settings, :data:`CACHE_FORMAT_VERSION`, the size and
+modification time of every image and mask file, and the code that makes the pixels (:func:`preprocessing_digest`:
+the source of the decoding and geometry modules and OpenCV's version), so a new manifest, regenerated masks,
+another setting, an edited decoder or resizer, or another OpenCV lead to a different folder and a rebuild; a cache
+is never reused stale. Folders are built under a temporary name and renamed
 into place, so a reader sees either nothing or a complete cache. When two processes build the same cache at once,
 the first rename wins and the other discards its copy. Old folders are not deleted automatically (another sweep may
 be reading them); remove ``<data_root>/cache/`` to reclaim space.
@@ -22,7 +24,9 @@ be reading them); remove ``<data_root>/cache/`` to reclaim space.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pandas as pd
 from numpy.lib.format import open_memmap
@@ -48,6 +53,8 @@ IMAGES_FILE = "images.npy"
 CLASSMAPS_FILE = "classmaps.npy"
 INDEX_FILE = "index.json"
 _TMP_PREFIX = ".building-"
+#: the modules whose code decides a cached pixel: decoding (colour, bit depth, masks) and squaring (resize, padding)
+PIXEL_MODULES: tuple[str, ...] = ("busbench.data.decode", "busbench.data.geometry")
 
 
 @dataclass(frozen=True)
@@ -86,10 +93,32 @@ def file_fingerprint(rows: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
+@functools.cache
+def _module_digest(name: str) -> str:
+    module = importlib.import_module(name)
+    try:
+        source = Path(module.__file__ or "").read_bytes()
+    except OSError:  # no source file (a frozen or zipped install): fall back to the package version
+        import busbench
+
+        source = f"busbench {busbench.__version__}".encode()
+    return hashlib.sha256(source).hexdigest()
+
+
+def preprocessing_digest(modules: Sequence[str] | None = None) -> str:
+    """sha256 over the code that turns files into cached pixels: the source of :data:`PIXEL_MODULES` (or
+    ``modules``) and the OpenCV version that decodes and resizes. Any edit there keys new caches."""
+    digest = hashlib.sha256(f"opencv {cv2.__version__}\0".encode())
+    for name in PIXEL_MODULES if modules is None else modules:
+        digest.update(f"{name}\0{_module_digest(name)}\0".encode())
+    return digest.hexdigest()
+
+
 def cache_hash(manifest_sha256: str, settings: CacheSettings, fingerprint: str) -> str:
     """The folder name of a cache: 20 hex digits of sha256 over everything that determines its contents."""
     payload = {
         "format": CACHE_FORMAT_VERSION,
+        "code": preprocessing_digest(),
         "manifest_sha256": manifest_sha256,
         "image_size": settings.image_size,
         "resize": settings.resize,
@@ -179,6 +208,7 @@ def ensure_cache(
         ) from None
     meta = {
         "format": CACHE_FORMAT_VERSION,
+        "code": preprocessing_digest(),
         "hash": digest,
         "dataset": key,
         "manifest_sha256": manifest_sha256,
