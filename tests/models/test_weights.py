@@ -318,6 +318,7 @@ def test_offline_without_the_file_names_the_file_and_where_to_put_it(tmp_path: P
     assert f"save it as {target}" in message
     assert f"https://huggingface.co/timm/{SWIN_TAG}/resolve/main/model.safetensors" in message
     assert "BUSBENCH_WEIGHTS" in message and "benchmark_vit_from_scratch.yaml" in message
+    assert "model.pretrained=false" in message
     assert not (tmp_path / "weights").exists()
 
 

@@ -197,11 +197,12 @@ def load_published(
         checkpoint = _normalise(_fetch_tag(tag), tag)
     except ModelError as exc:
         target = (weights_dir() / f"{tag}.safetensors").resolve()
+        reason = type(exc.__cause__).__name__ if exc.__cause__ is not None else str(exc)
         raise ModelError(
-            f"{model_name}: model.params.weights={PRETRAINED} needs {what} ({tag}), which is neither in "
-            f"{target.parent} nor downloadable here ({exc}). Fetch {download_url(tag)} and save it as {target} "
-            f"(or set {WEIGHTS_ENV} to the folder holding it); to train from scratch, set model.params.weights "
-            "to null (configs/experiments/benchmark_vit_from_scratch.yaml)"
+            f"{model_name}: pretrained weights ({what}, {tag}) are neither in {target.parent} nor downloadable "
+            f"here ({reason}). Fetch {download_url(tag)} and save it as {target} (or set {WEIGHTS_ENV} to the "
+            "folder holding it); to train from scratch instead, set model.pretrained=false and "
+            "model.params.weights=null (configs/experiments/benchmark_vit_from_scratch.yaml)"
         ) from None
     return _load_state(module, checkpoint, tag, in_channels, False, ignore)
 
