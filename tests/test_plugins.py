@@ -13,14 +13,15 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from busbench import plugins
-from busbench.config import known_dataset_keys, load_config
-from busbench.data.adapters import ADAPTERS
+from busbench import cli, plugins
+from busbench.config import BUILTIN_DATASET_KEYS, known_dataset_keys, load_config
+from busbench.data.adapters import ADAPTERS, load_adapters
 from busbench.errors import ConfigError
 from busbench.models import registry
 
@@ -84,42 +85,62 @@ PLUGIN = textwrap.dedent(
 )
 
 
-def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [sys.executable, "-m", "busbench", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, f"busbench {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-    return done
+@pytest.fixture
+def outside(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The plugin module in ``<tmp>/outside/lab/``, named by BUSBENCH_PLUGINS and found on the import path only.
+
+    Registries are restored afterwards, so the plugin's model and adapter do not leak into other tests.
+    """
+    load_adapters(), registry.model_specs()  # built-ins registered before the snapshot
+    saved = (dict(ADAPTERS), dict(registry._REGISTRY), dict(plugins._datasets))
+    folder = tmp_path / "outside"
+    (folder / "lab").mkdir(parents=True)
+    (folder / "lab" / "__init__.py").write_text("")
+    (folder / "lab" / "busbench_models.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setenv("BUSBENCH_PLUGINS", "lab.busbench_models")
+    monkeypatch.setenv("BUSBENCH_DATA", str(tmp_path / "data"))
+    monkeypatch.delenv("BUSBENCH_CONFIGS", raising=False)
+    plugins.reset()
+    yield folder
+    plugins.reset()
+    for live, kept in zip((ADAPTERS, registry._REGISTRY, plugins._datasets), saved, strict=True):
+        live.clear()
+        live.update(kept)
+    for name in [m for m in sys.modules if m == "lab" or m.startswith("lab.")]:
+        del sys.modules[name]
+
+
+def _cli(*argv: str) -> None:
+    start = time.perf_counter()
+    code = cli.main(list(argv))
+    print(f"{time.perf_counter() - start:6.1f} s  busbench {' '.join(argv)}")  # shown with pytest -s
+    assert code == 0, f"busbench {' '.join(argv)} exited {code}"
 
 
 @pytest.mark.slow
-def test_outside_model_and_folder_dataset_through_the_cli(tmp_path: Path, folder_dataset) -> None:
-    outside = tmp_path / "outside"
-    (outside / "lab").mkdir(parents=True)
-    (outside / "lab" / "__init__.py").write_text("")
-    (outside / "lab" / "busbench_models.py").write_text(PLUGIN)
+def test_outside_model_and_folder_dataset_through_the_cli(
+    tmp_path: Path, outside: Path, folder_dataset, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     dataset = folder_dataset(outside / "hospital_a_export", n=18, name="case {i:02d}", jpeg=True)
     data, results = tmp_path / "data", tmp_path / "results"
-    env = {
-        **os.environ,
-        "BUSBENCH_PLUGINS": "lab.busbench_models",
-        "PYTHONPATH": os.pathsep.join([str(outside), os.environ.get("PYTHONPATH", "")]),
-        "BUSBENCH_DATA": str(data),
-    }
-    env.pop("BUSBENCH_CONFIGS", None)
+    monkeypatch.chdir(tmp_path)
 
-    listed = _run(["models", "--names", "lab_*", "unet", "--size", "32", "--format", "csv"], env, tmp_path)
+    # a fresh interpreter finds the plugin through the two variables alone
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(outside), os.environ.get("PYTHONPATH", "")])}
+    start = time.perf_counter()
+    listed = subprocess.run(
+        [sys.executable, "-m", "busbench", "models", "--names", "lab_*", "unet", "--size", "32", "--format", "csv"],
+        env=env, capture_output=True, text=True, timeout=600, check=True,
+    )
+    print(f"{time.perf_counter() - start:6.1f} s  busbench models --names lab_* unet --size 32 --format csv")
     rows = {r["key"]: r for r in csv.DictReader(io.StringIO(listed.stdout))}
     assert rows["lab_net"]["source"] == "plugin lab.busbench_models (BUSBENCH_PLUGINS)"
     assert rows["unet"]["source"] == "busbench"
     assert rows["lab_net"]["note"] == "" and rows["lab_net"]["params_m"] == "0.0"  # built at 32 px; 477 weights
 
-    _run(
-        ["prepare", "--layout", "folder", "--key", "hospital_a", "--dataset-dir", str(dataset), "--folds", "2",
-         "--quiet"],
-        env,
-        tmp_path,
-    )
+    _cli("prepare", "--layout", "folder", "--key", "hospital_a", "--dataset-dir", str(dataset), "--folds", "2",
+         "--quiet")
     manifest = pd.read_csv(data / "manifests" / "hospital_a.csv", dtype=str, keep_default_na=False)
     summary = json.loads((data / "manifests" / "hospital_a.json").read_text())
     assert len(manifest) == 18 and set(manifest["dataset"]) == {"hospital_a"}
@@ -128,7 +149,7 @@ def test_outside_model_and_folder_dataset_through_the_cli(tmp_path: Path, folder
     assert summary["patients"] == 9 and summary["counts"]["label"] == {"benign": 6, "malignant": 6, "normal": 6}
     for _, group in manifest.groupby("patient_id"):  # patient groups never cross test/dev or folds
         assert group["split"].nunique() == 1 and group["fold"].nunique() == 1
-    _run(["audit", "hospital_a"], env, tmp_path)
+    _cli("audit", "hospital_a")
 
     sets = [
         "data.dataset=hospital_a",
@@ -138,63 +159,52 @@ def test_outside_model_and_folder_dataset_through_the_cli(tmp_path: Path, folder
         "train.epochs=1",
         "train.batch_size=4",
         "output.overlays=0",
+        "model.name=lab_net",
     ]
     runs = {}
-    for model, params in (("lab_net", "model.params.width=4"), ("unet", "model.params.base_width=4")):
-        _run(["train", "--config", str(DEMO), "--set", *sets, f"model.name={model}", params], env, tmp_path)
-        runs[model] = results / "demo" / "hospital_a" / model
-        _run(["test", "--run", str(runs[model])], env, tmp_path)
-        scored = pd.read_csv(runs[model] / "summary.csv")
-        assert len(scored) >= 3  # two folds and the ensemble
-    board = _run(["aggregate", str(results / "demo"), "--out", str(results / "board")], env, tmp_path).stdout
-    assert "| lab_net | demo | hospital_a | 2 |" in board and "| unet | demo | hospital_a | 2 |" in board
-    _run(["compare", str(runs["lab_net"]), str(runs["unet"]), "--out", str(results / "cmp"), "--n-boot", "200",
-          "--n-perm", "200"], env, tmp_path)
-    assert any((results / "cmp").iterdir())
-
-    # the same key, misspelled, is refused with the prepared key suggested
-    bad = subprocess.run(
-        [sys.executable, "-m", "busbench", "train", "--config", str(DEMO), "--set", "data.dataset=hospitl_a"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )
-    assert bad.returncode == 1 and bad.stderr.count("\n") == 1
-    assert "unknown dataset 'hospitl_a' (did you mean 'hospital_a'?)" in bad.stderr
-    assert "--layout folder --key NAME" in bad.stderr
+    for name, width in (("narrow", 4), ("wide", 8)):  # two variants of the plugin model, compared below
+        _cli("train", "--config", str(DEMO), "--set", *sets, f"experiment.name={name}", f"model.params.width={width}")
+        runs[name] = results / name / "hospital_a" / "lab_net"
+        _cli("test", "--run", str(runs[name]))
+        scored = pd.read_csv(runs[name] / "summary.csv")
+        assert len(scored) >= 3 and scored["dice"].between(0, 1).all()  # two folds and the ensemble
+    capsys.readouterr()
+    _cli("aggregate", str(results / "narrow"), str(results / "wide"), "--out", str(results / "board"))
+    board = capsys.readouterr().out
+    assert "| lab_net | narrow | hospital_a | 2 |" in board and "| lab_net | wide | hospital_a | 2 |" in board
+    _cli("compare", str(runs["narrow"]), str(runs["wide"]), "--out", str(results / "cmp"), "--n-boot", "200",
+         "--n-perm", "200")
+    pairwise = pd.read_csv(results / "cmp" / "pairwise.csv")
+    assert len(pairwise) > 0 and pairwise.astype(str).apply(lambda c: c.str.contains("lab_net")).any().any()
 
 
-@pytest.fixture
-def plugin_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """The plugin module on sys.path and in BUSBENCH_PLUGINS, imported afresh; restored afterwards."""
-    (tmp_path / "labplug").mkdir()
-    (tmp_path / "labplug" / "__init__.py").write_text("")
-    (tmp_path / "labplug" / "reg.py").write_text(PLUGIN.replace("lab_net", "labplug_net").replace(
-        "lab_archive", "labplug_archive"))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("BUSBENCH_PLUGINS", "labplug.reg")
-    monkeypatch.setenv("BUSBENCH_DATA", str(tmp_path / "data"))
-    saved = (dict(ADAPTERS), dict(registry._REGISTRY), dict(plugins._datasets))
-    plugins.reset()
-    yield tmp_path
-    plugins.reset()
-    for live, kept in zip((ADAPTERS, registry._REGISTRY, plugins._datasets), saved, strict=True):
-        live.clear()
-        live.update(kept)
-    for name in [m for m in sys.modules if m == "labplug" or m.startswith("labplug.")]:
-        del sys.modules[name]
-
-
-def test_plugin_adapter_key_is_a_valid_dataset_in_configs(plugin_env: Path) -> None:
+def test_plugin_adapter_key_is_a_valid_dataset_in_configs(outside: Path, tmp_path: Path) -> None:
     from busbench.data.adapters import adapter_source, dataset_keys
 
     known = known_dataset_keys()
-    assert known["labplug_archive"] == "plugin labplug.reg (BUSBENCH_PLUGINS)"
+    assert known["lab_archive"] == "plugin lab.busbench_models (BUSBENCH_PLUGINS)"
     assert known["busi"] == "busbench"
-    assert "labplug_archive" in dataset_keys() and adapter_source("busi") == "busbench"
-    assert registry.get_spec("labplug_net").source == "plugin labplug.reg (BUSBENCH_PLUGINS)"
-    assert load_config(None, ["data.dataset=labplug_archive"]).data.dataset == "labplug_archive"
-    (plugin_env / "data" / "manifests").mkdir(parents=True)
-    (plugin_env / "data" / "manifests" / "clinic_b.csv").write_text("sample_id\n")
+    assert "lab_archive" in dataset_keys() and adapter_source("busi") == "busbench"
+    assert registry.get_spec("lab_net").source == "plugin lab.busbench_models (BUSBENCH_PLUGINS)"
+    assert load_config(None, ["data.dataset=lab_archive"]).data.dataset == "lab_archive"
+    (tmp_path / "data" / "manifests").mkdir(parents=True)
+    (tmp_path / "data" / "manifests" / "clinic_b.csv").write_text("sample_id\n")
     assert known_dataset_keys()["clinic_b"] == "prepared"
+    with pytest.raises(ConfigError, match=r"unknown dataset 'clinic_c' \(did you mean 'clinic_b'\?\)"):
+        load_config(None, ["data.dataset=clinic_c"])
+
+
+def test_entry_point_group_declares_plugins(outside: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installed distribution declaring ``[busbench.plugins]`` is imported without BUSBENCH_PLUGINS."""
+    monkeypatch.delenv("BUSBENCH_PLUGINS")
+    info = outside / "lab_models-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lab-models\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[busbench.plugins]\nlab = lab.busbench_models\n")
+    loaded = plugins.load_plugins()
+    assert [p.module for p in loaded] == ["lab.busbench_models"]
+    assert registry.get_spec("lab_net").source == "plugin lab.busbench_models (entry point lab (lab-models))"
+    assert set(BUILTIN_DATASET_KEYS) == {k for k, c in ADAPTERS.items() if c.__module__.startswith("busbench.")}
 
 
 def test_missing_or_broken_plugin_is_one_clear_error(
