@@ -339,12 +339,15 @@ def _plan_split(
             f"release (listed under reference.changed in {key}.json); they keep their v1 split"
         )
     statement = f"v1 (the {name} public release's reference split"
+    if check.missing or check.excluded:
+        statement += f", partial: {len(check.present)} of {len(reference.rows)} images present"
+        if check.excluded:
+            statement += f", {len(check.excluded)} left out by adapter options"
+    statement += ")"
     if check.missing:
-        statement += f", partial: {len(check.present)} of {len(reference.rows)} images present)"
         warnings.append(f"partial copy: {check.missing_line()}")
-    else:
-        statement += ")"
-    return _SplitPlan(reference, check, True, statement, "partial" if check.missing else "complete", warnings)
+    status = "partial" if check.missing or check.excluded else "complete"
+    return _SplitPlan(reference, check, True, statement, status, warnings)
 
 
 def _reference_assignment(
