@@ -18,7 +18,7 @@ from busbench.engine.train import train
 from busbench.errors import DataError
 from busbench.metrics import per_image
 from busbench.report.overlays import overlay_cases, pick_ranks
-from busbench.report.plots import overlay_grid, transfer_heatmap
+from busbench.report.plots import heatmap_matrix, overlay_grid, transfer_heatmap
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "experiments" / "demo.yaml"
 
@@ -86,6 +86,41 @@ def test_transfer_heatmap(tmp_path: Path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_heatmap_averages_one_experiment_over_models_in_every_cell(tmp_path: Path):
+    rows = []
+    for experiment, model, trained_on, test, dice in [
+        ("e1", "unet", "busi", "busi", 0.8),
+        ("e1", "unet", "busi", "busbra", 0.4),
+        ("e1", "unet", "busbra", "busi", 0.5),
+        ("e1", "unet", "busbra", "busbra", 0.9),
+        ("e1", "unext", "busi", "busi", 0.6),  # unext only on the diagonal: left out of every cell
+        ("e1", "unext", "busbra", "busbra", 0.7),
+        ("e2", "unet", "busi", "busi", 0.1),  # another experiment: never averaged with e1
+        ("e2", "unet", "busi", "busbra", 0.1),
+    ]:
+        rows.append(
+            dict(
+                experiment=experiment,
+                model=model,
+                train_dataset=trained_on,
+                test_dataset=test,
+                dice=dice,
+                source="ensemble",
+            )
+        )
+    df = pd.DataFrame(rows)
+    matrix, models = heatmap_matrix(df[df["experiment"] == "e1"])
+    assert models == ["unet"]
+    assert matrix.loc["busi", "busi"] == 0.8 and matrix.loc["busbra", "busbra"] == 0.9
+    csv = tmp_path / "transfer.csv"
+    df.to_csv(csv, index=False)
+    with pytest.raises(DataError, match="several experiments"):
+        transfer_heatmap(csv, tmp_path / "h.png")
+    assert main(["plot", "transfer", str(csv), "--out", str(tmp_path)]) == 0
+    for name in ("e1", "e2"):
+        assert_real_png(tmp_path / f"transfer_heatmap_{name}.png")
+
+
 def test_overlay_grid(tmp_path: Path):
     yy, xx = np.mgrid[:64, :64]
     image = (128 + 60 * np.sin(xx / 5.0) * np.cos(yy / 7.0)).astype(np.uint8)
@@ -150,23 +185,39 @@ def test_pick_ranks():
     assert pick_ranks(0, 3) == []
 
 
+def assert_cases_are_the_scored_masks(cases: list[dict], scores: pd.DataFrame) -> None:
+    by_id = scores.set_index("sample_id")
+    for case in cases:
+        sid = case["name"].split(": ")[1]
+        assert case["image"].dtype == np.uint8 and case["image"].std() > 0
+        assert case["gt"].dtype == bool and case["pred"].dtype == bool
+        assert case["image"].shape == case["gt"].shape == case["pred"].shape
+        # the re-run prediction is the one the evaluator scored (network resolution, padding cropped)
+        scored = per_image(case["pred"], case["gt"])
+        assert scored["dice"] == pytest.approx(by_id.loc[sid, "dice"], abs=1e-6)
+        assert scored["specificity"] == pytest.approx(by_id.loc[sid, "specificity"], abs=1e-6)
+
+
 def test_overlay_cases_reproduce_the_scored_masks(tested_run: Path):
     scores = pd.read_csv(tested_run / "test" / "ensemble_per_image.csv", dtype={"sample_id": str})
     cases = overlay_cases(tested_run)
-    assert [c["name"].split(":")[0] for c in cases] == ["best", "median", "worst"]
-    ranked = scores.sort_values(["dice", "sample_id"], ascending=[False, True]).reset_index(drop=True)
+    lesion = scores[scores["label"] != "normal"]
+    ranked = lesion.sort_values(["dice", "sample_id"], ascending=[False, True]).reset_index(drop=True)
     expected_ids = [ranked["sample_id"][i] for i in (0, round((len(ranked) - 1) / 2), len(ranked) - 1)]
-    assert [c["name"].split(": ")[1] for c in cases] == expected_ids
-    assert [c["dice"] for c in cases] == sorted((c["dice"] for c in cases), reverse=True)
-    for case in cases:
-        assert case["image"].dtype == np.uint8 and case["image"].shape == (32, 32)
-        assert case["image"].std() > 0
-        assert case["gt"].dtype == bool and case["pred"].dtype == bool and case["gt"].shape == (32, 32)
-        # the re-run prediction is the one the evaluator scored (network resolution)
-        assert per_image(case["pred"], case["gt"])["dice"] == pytest.approx(case["dice"], abs=1e-6)
+    assert [c["name"] for c in cases[:3]] == [
+        f"{kind}: {sid}" for kind, sid in zip(("best", "median", "worst"), expected_ids, strict=True)
+    ]
+    assert [c["dice"] for c in cases[:3]] == sorted((c["dice"] for c in cases[:3]), reverse=True)
+    normal_fp = scores[(scores["label"] == "normal") & ~scores["pred_empty"]].sort_values("sample_id")
+    if len(normal_fp):
+        assert cases[3]["name"] == f"normal FP: {normal_fp['sample_id'].iloc[0]}" and cases[3]["pred"].any()
+    assert len(cases) == 3 + (len(normal_fp) > 0)
+    assert_cases_are_the_scored_masks(cases, scores)
     fold_cases = overlay_cases(tested_run, source="fold1", n=2)
-    fold_scores = pd.read_csv(tested_run / "test" / "fold1_per_image.csv")
-    assert [c["dice"] for c in fold_cases] == [fold_scores["dice"].max(), fold_scores["dice"].min()]
+    fold_scores = pd.read_csv(tested_run / "test" / "fold1_per_image.csv", dtype={"sample_id": str})
+    fold_lesion = fold_scores[fold_scores["label"] != "normal"]
+    assert [c["dice"] for c in fold_cases[:2]] == [fold_lesion["dice"].max(), fold_lesion["dice"].min()]
+    assert_cases_are_the_scored_masks(fold_cases, fold_scores)
     with pytest.raises(DataError, match="ensemble or fold<k>"):
         overlay_cases(tested_run, source="best")
 
@@ -189,3 +240,29 @@ def test_overlays_need_a_tested_run(tmp_path: Path, capsys):
     (run / "test" / "ensemble_per_image.csv").unlink()
     assert main(["plot", "overlays", str(run)]) == 1
     assert "busbench test --run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["multiclass", "multitask"])
+def test_overlays_of_multiclass_and_multitask_runs_draw_the_scored_masks(tested_run: Path, mode: str):
+    """A multiclass run's lesion is 1 - p(background), a multitask run's mask is refined by its label: the
+    overlays draw the masks the evaluator scored, not a one-channel reading of the output."""
+    data_root = tested_run.parents[3] / "data"
+    cfg = load_config(
+        DEMO,
+        [
+            f"data.data_root={data_root}",
+            f"output.root={tested_run.parents[3] / mode}",
+            "data.image_size=32",
+            "data.folds=2",
+            "model.params.base_width=4",
+            "train.epochs=1",
+            "train.batch_size=4",
+            "output.tensorboard=false",
+            f"task.mode={mode}",
+        ],
+    )
+    train(cfg)
+    run = cfg.run_dir()
+    evaluate_run(run)
+    scores = pd.read_csv(run / "test" / "ensemble_per_image.csv", dtype={"sample_id": str})
+    assert_cases_are_the_scored_masks(overlay_cases(run, n=3), scores)

@@ -1,10 +1,17 @@
-"""Test-set cases worth looking at: the best, median and worst test images of a run, predicted again.
+"""Test-set cases worth looking at: the best, median and worst lesion images of a run, and a normal image with a
+false positive, predicted again.
 
 ``busbench test`` keeps per-image scores, not predicted masks (a mask per image, model and run would dwarf the
-results). To draw a case, its image is passed once more through the same fold models the evaluator used - the
-fold checkpoints of the run, their mean foreground probability for the ensemble - at the network's input
-resolution. The threshold and test-time augmentation are the ones the scores were computed with (``summary.csv``
-records them, since ``busbench test --set`` may have changed them), so the drawn mask is the one that was scored.
+results). To draw a case, its image is passed once more through the same fold models, the same way the evaluator
+does (:func:`busbench.engine.evaluate.predict_batch`): the task's own prediction (the lesion probability
+``1 - p(background)`` of a multiclass model, the refined mask of a multitask model), the ensemble's mean of every
+probability, post-processing after ensembling. The threshold and test-time augmentation are the ones the scores
+were computed with (``summary.csv`` records them, since ``busbench test --set`` may have changed them), so the
+drawn mask is the one that was scored. Cases are drawn at the network's input resolution, letterbox padding cropped.
+
+Cases are ranked among lesion images (benign, malignant) only: a correctly empty normal image has Dice 1 and would
+always be the "best" case. Normal images are shown separately: the first one (by sample id) on which the model
+predicted any lesion pixel.
 """
 
 from __future__ import annotations
@@ -16,9 +23,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from busbench.engine.evaluate import _fold_checkpoints, _load_models, load_run_config
-from busbench.engine.inference import amp_dtype, predict, resolve_device
+from busbench.engine import tasks
+from busbench.engine.evaluate import _fold_checkpoints, _load_models, content, load_run_config, predict_batch
+from busbench.engine.inference import resolve_device
 from busbench.errors import DataError
+from busbench.metrics import LESION_LABELS
 
 
 def pick_ranks(n_images: int, n: int) -> list[tuple[str, int]]:
@@ -61,13 +70,28 @@ def _scoring_settings(run_dir: Path, source: str, cfg: Any) -> tuple[float, bool
     return threshold, tta
 
 
-def overlay_cases(run_dir: str | Path, source: str = "ensemble", n: int = 3) -> list[dict[str, Any]]:
-    """The best, median and worst test images of ``source`` (``ensemble`` or ``fold<k>``), predicted again.
+def _chosen(scores: pd.DataFrame, n: int) -> list[tuple[str, pd.Series]]:
+    """Ranked lesion cases, then the first normal image with a predicted lesion pixel (if any)."""
+    lesion = scores[scores["label"].isin(LESION_LABELS)]
+    ranked = lesion.sort_values(["dice", "dataset_key", "sample_id"], ascending=[False, True, True])
+    ranked = ranked.reset_index(drop=True)
+    chosen = [(kind, ranked.iloc[p]) for kind, p in pick_ranks(len(ranked), n)]
+    normal_fp = scores[(scores["label"] == "normal") & ~scores["pred_empty"].astype(bool)]
+    if len(normal_fp):
+        chosen.append(("normal FP", normal_fp.sort_values(["dataset_key", "sample_id"]).iloc[0]))
+    return chosen
 
-    Images are ranked by the per-image Dice in ``test/<source>_per_image.csv`` (ties by sample id). Each case is
-    ``{"name": "<kind>: <sample_id>", "image": (S, S) uint8 (``(S, S, 3)`` for 3-channel runs), "gt": (S, S) bool,
-    "pred": (S, S) bool, "dice": float}`` at the network's input resolution; ``dice`` is the score from the CSV
-    (at ``eval.resolution``, so it can differ slightly from the drawn masks' Dice for ``original``).
+
+def overlay_cases(run_dir: str | Path, source: str = "ensemble", n: int = 3) -> list[dict[str, Any]]:
+    """The best, median and worst lesion test images of ``source`` (``ensemble`` or ``fold<k>``), and a normal
+    image with a false positive, predicted again.
+
+    Lesion images are ranked by the per-image Dice in ``test/<source>_per_image.csv`` (ties by sample id). Each case
+    is ``{"name": "<kind>: <sample_id>", "image": (H, W) uint8 (``(H, W, 3)`` for 3-channel runs), "gt": (H, W) bool,
+    "pred": (H, W) bool, "dice": float}`` at the network's input resolution with the letterbox padding cropped
+    (what ``eval.resolution=network`` scores); ``dice`` is the score from the CSV (at ``eval.resolution``, so it can
+    differ slightly from the drawn masks' Dice for ``original``). The normal false positive is named
+    ``normal FP: <sample_id>``.
     """
     run_dir = Path(run_dir)
     if not re.fullmatch(r"ensemble|fold\d+", source):
@@ -76,12 +100,12 @@ def overlay_cases(run_dir: str | Path, source: str = "ensemble", n: int = 3) -> 
     if not csv.is_file():
         raise DataError(f"{csv} not found; score the run first: busbench test --run {run_dir}")
     cfg = load_run_config(run_dir)
+    threshold, tta = _scoring_settings(run_dir, source, cfg)
+    cfg = load_run_config(run_dir, [f"eval.threshold={threshold}", f"eval.tta={str(tta).lower()}"])
     scores = pd.read_csv(csv, dtype={"sample_id": str, "dataset_key": str})
-    ranked = scores.sort_values(["dice", "dataset_key", "sample_id"], ascending=[False, True, True])
-    ranked = ranked.reset_index(drop=True)
-    chosen = [(kind, ranked.iloc[p]) for kind, p in pick_ranks(len(ranked), n)]
+    chosen = _chosen(scores, n)
     if not chosen:
-        raise DataError(f"{csv} has no rows; rerun busbench test --run {run_dir}")
+        raise DataError(f"{csv} has no lesion image and no normal false positive to draw")
 
     checkpoints = _fold_checkpoints(run_dir, cfg)
     if source != "ensemble":
@@ -91,8 +115,7 @@ def overlay_cases(run_dir: str | Path, source: str = "ensemble", n: int = 3) -> 
             raise DataError(f"{run_dir} has no fold {fold}; data.folds is {cfg.data.folds}")
     device = resolve_device(cfg.train.device)
     models, _ = _load_models(cfg, checkpoints, device)
-    dtype = amp_dtype(device, cfg.train.amp)
-    threshold, tta = _scoring_settings(run_dir, source, cfg)
+    task = tasks.build_task(cfg)
 
     from busbench.data import loader as data_loader
 
@@ -109,18 +132,19 @@ def overlay_cases(run_dir: str | Path, source: str = "ensemble", n: int = 3) -> 
                 f"test image {row['sample_id']} of {csv} is not in the current {key} test split; the manifest "
                 f"changed since testing. Rerun busbench test --run {run_dir}"
             )
-        item = ds[int(where[0])]
-        x = data_loader.network_input(item["image"][None], cfg.data.normalize, device, cfg.train.channels_last)
-        probs = predict(models, x, device, dtype, tta=tta)
-        prob = probs.mean(dim=0)[0]
-        pixels, _ = ds.pixels(int(where[0]))
+        i = int(where[0])
+        item = ds[i]
+        predicted = predict_batch(cfg, task, models, item["image"][None], device)
+        prob = predicted.lesion[-1, 0].numpy()  # the ensemble (for one fold model: that model)
+        geometry = ds.letterbox_info(i)
+        pixels, _ = ds.pixels(i)
         image = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
         cases.append(
             {
                 "name": f"{kind}: {row['sample_id']}",
-                "image": np.ascontiguousarray(image, dtype=np.uint8),
-                "gt": item["mask"][0].numpy() >= 0.5,
-                "pred": (prob >= threshold).numpy(),
+                "image": np.ascontiguousarray(content(image, geometry), dtype=np.uint8),
+                "gt": content(item["mask"][0].numpy() >= 0.5, geometry),
+                "pred": content(prob >= threshold, geometry),
                 "dice": float(row["dice"]),
             }
         )

@@ -98,21 +98,54 @@ def dice_distribution(dirs: list[Path], out: Path, source: str = "ensemble") -> 
     return _save(fig, out)
 
 
-def transfer_heatmap(transfer_csv: Path, out: Path, metric: str = "dice") -> Path:
-    """Heatmap of a transfer matrix: rows = training dataset, columns = test dataset."""
+def heatmap_matrix(df: pd.DataFrame, metric: str = "dice") -> tuple[pd.DataFrame, list[str]]:
+    """Transfer matrix of one experiment's rows (train dataset x test dataset) and the models it averages.
+
+    Ensemble rows only when there are any (never mixed with fold means). A cell is the mean over the models present
+    in *every* cell, so each cell averages the same models; models missing from some cell are left out of all.
+    """
+    if "source" in df.columns and (df["source"] == "ensemble").any():
+        df = df[df["source"] == "ensemble"]
+    if "model" not in df.columns:
+        return df.pivot_table(index="train_dataset", columns="test_dataset", values=metric, aggfunc="mean"), []
+    cells = df.groupby(["train_dataset", "test_dataset"])["model"].agg(frozenset)
+    common = sorted(frozenset.intersection(*cells.tolist())) if len(cells) else []
+    if not common:
+        raise DataError(
+            "no model was scored in every cell of the transfer matrix, so no cell average compares like with like; "
+            "test every model on every dataset, or plot one model (filter transfer.csv by its model column)"
+        )
+    df = df[df["model"].isin(common)]
+    return df.pivot_table(index="train_dataset", columns="test_dataset", values=metric, aggfunc="mean"), common
+
+
+def transfer_heatmap(transfer_csv: Path, out: Path, metric: str = "dice", experiment: str | None = None) -> Path:
+    """Heatmap of a transfer matrix: rows = training dataset, columns = test dataset.
+
+    Averages only within one experiment (``experiment``, required when the CSV holds several) and only over the
+    models present in every cell (:func:`heatmap_matrix`).
+    """
     df = pd.read_csv(transfer_csv)
     if not {"train_dataset", "test_dataset", metric} <= set(df.columns):
         raise DataError(f"{transfer_csv} needs columns train_dataset, test_dataset, {metric}")
-    if "source" in df.columns and (df["source"] == "ensemble").any():
-        df = df[df["source"] == "ensemble"]  # never mix ensemble scores with fold means
-    models = sorted(df["model"].unique()) if "model" in df.columns else []
-    matrix = df.pivot_table(index="train_dataset", columns="test_dataset", values=metric, aggfunc="mean")
+    experiments = sorted(df["experiment"].astype(str).unique()) if "experiment" in df.columns else []
+    if experiment is not None:
+        df = df[df["experiment"].astype(str) == experiment]
+        if df.empty:
+            raise DataError(f"{transfer_csv} has no rows of experiment {experiment!r}; it has {experiments}")
+    elif len(experiments) > 1:
+        raise DataError(
+            f"{transfer_csv} holds several experiments ({', '.join(experiments)}); scores are averaged within one "
+            "experiment only, so name it (busbench plot transfer draws one heatmap per experiment)"
+        )
+    matrix, models = heatmap_matrix(df, metric)
     fig, ax = plt.subplots(figsize=(1.2 * matrix.shape[1] + 2.5, 1.0 * matrix.shape[0] + 1.8))
     image = ax.imshow(matrix.to_numpy(), vmin=0, vmax=1, cmap="viridis")
     ax.set_xticks(range(matrix.shape[1]), matrix.columns, rotation=30, ha="right")
     ax.set_yticks(range(matrix.shape[0]), matrix.index)
-    which = models[0] if len(models) == 1 else f"mean over {len(models)} models" if models else ""
-    ax.set(xlabel="test dataset", ylabel="training dataset", title=f"transfer {metric} {which}".strip())
+    which = models[0] if len(models) == 1 else f"mean over {', '.join(models)}" if models else ""
+    name = experiment or (experiments[0] if experiments else "")
+    ax.set(xlabel="test dataset", ylabel="training dataset", title=f"{name} transfer {metric} {which}".strip())
     for (i, j), v in np.ndenumerate(matrix.to_numpy()):
         if np.isfinite(v):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=9)
@@ -159,8 +192,13 @@ def run(args: argparse.Namespace) -> int:
     kinds = ["curves", "dice", "overlays"] if args.kind == "all" else [args.kind]
     if "transfer" in kinds:
         for csv in args.dirs:
-            out = (args.out or csv.parent) / f"{csv.stem}_heatmap.png"
-            written.append(transfer_heatmap(csv, out))
+            table = pd.read_csv(csv)
+            experiments = sorted(table["experiment"].astype(str).unique()) if "experiment" in table else []
+            if len(experiments) <= 1:
+                written.append(transfer_heatmap(csv, (args.out or csv.parent) / f"{csv.stem}_heatmap.png"))
+            for name in experiments if len(experiments) > 1 else []:
+                out = (args.out or csv.parent) / f"{csv.stem}_heatmap_{name}.png"
+                written.append(transfer_heatmap(csv, out, experiment=name))
     runs = _model_dirs(args.dirs) if set(kinds) & {"curves", "overlays"} else []
     if "curves" in kinds:
         for r in runs:
