@@ -31,7 +31,7 @@ def setup(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     out = tmp_path_factory.mktemp("score_run")
     train(tiny_config(synthetic_root, out, "train.epochs=1"))
     run = out / "demo" / "busi" / "unet"
-    evaluate_run(run, ["eval.resolution=original"])
+    evaluate_run(run, ["eval.resolution=original"], save_masks=True)
     manifest = pd.read_csv(synthetic_root / "manifests" / "busi.csv")
     test = manifest[manifest["split"] == "test"]
     return {"out": out, "run": run, "root": synthetic_root, "test": test}
@@ -123,3 +123,15 @@ def test_suffix_and_command_line(setup, tmp_path, capsys):
     assert "suffixed" in capsys.readouterr().out
     assert cli.main(args[:-5] + ["--set", *overrides(setup)]) == 1  # without --suffix nothing matches
     assert "files matching no image" in capsys.readouterr().err
+
+
+def test_saved_test_masks_score_back_to_the_same_numbers(setup):
+    """``busbench test --save-masks`` writes every source's masks; scored, they give that source's numbers."""
+    masks = setup["run"] / "test" / "masks" / "busi"
+    assert sorted(p.name for p in masks.iterdir()) == ["ensemble", "fold0", "fold1"]
+    for source in ("fold1", "ensemble"):
+        assert sorted(p.stem for p in (masks / source).iterdir()) == sorted(setup["test"]["sample_id"])
+        summary = score_predictions("busi", masks / source, f"saved_{source}", overrides=overrides(setup))
+        mine = pd.read_csv(summary.parent / "test" / "ensemble_per_image.csv").sort_values("sample_id")
+        theirs = pd.read_csv(setup["run"] / "test" / f"{source}_per_image.csv").sort_values("sample_id")
+        pd.testing.assert_frame_equal(mine.reset_index(drop=True), theirs[list(PER_IMAGE_COLUMNS)].reset_index(drop=True))

@@ -46,13 +46,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from busbench.atomic import atomic_write_text
+from busbench.atomic import atomic_write_bytes, atomic_write_text
 from busbench.config import Config, config_from_file, deep_merge, parse_override, validate
 from busbench.data import leakage
 from busbench.data.geometry import LetterboxInfo, restore
@@ -280,10 +281,25 @@ def id_table(ds: Any, indices: list[int]) -> pd.DataFrame:
     return ids
 
 
+def write_mask(path: Path, mask: np.ndarray) -> None:
+    """A boolean mask as a 0/255 8-bit PNG, written atomically."""
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(mask.astype(np.uint8) * np.uint8(255)))
+    if not ok:
+        raise DataError(f"PNG encoding of {path} failed")
+    atomic_write_bytes(path, buf.tobytes())
+
+
 def _score_dataset(
-    cfg: Config, key: str, models: list[nn.Module], device: torch.device, trained_on: str | None
+    cfg: Config,
+    key: str,
+    models: list[nn.Module],
+    device: torch.device,
+    trained_on: str | None,
+    mask_dirs: list[Path] | None = None,
 ) -> tuple[list[pd.DataFrame], str]:
-    """Per-image tables (fold models..., ensemble) on ``key``'s test split, and the manifest hash."""
+    """Per-image tables (fold models..., ensemble) on ``key``'s test split, and the manifest hash.
+
+    ``mask_dirs`` (one folder per source): also write each scored mask there as ``<sample_id>.png`` (0/255)."""
     from busbench.data import loader as data_loader
 
     _, info = data_loader.load_dataset_rows(cfg, key)
@@ -327,7 +343,10 @@ def _score_dataset(
                     return content(a, geometry)
 
             for s, scorer in enumerate(scorers):
-                scorer.add(back(probs[s, j]) >= e.threshold, gt)
+                mask = back(probs[s, j]) >= e.threshold
+                scorer.add(mask, gt)
+                if mask_dirs:
+                    write_mask(mask_dirs[s] / f"{ds.rows['sample_id'].iat[i]}.png", mask)
                 extras[s].append(task.image_columns(predicted, s, j, e.threshold, gt_cls, back))
     ids = id_table(ds, indices)
     tables = []
@@ -423,7 +442,11 @@ def _summary_rows(
 
 
 def evaluate_run(
-    run_dir: Path, overrides: list[str] | None = None, dataset: str | None = None, tag: str | None = None
+    run_dir: Path,
+    overrides: list[str] | None = None,
+    dataset: str | None = None,
+    tag: str | None = None,
+    save_masks: bool = False,
 ) -> Path:
     """Evaluate a trained run on its test split(s); writes the per-image files and returns ``summary.csv``.
 
@@ -432,7 +455,9 @@ def evaluate_run(
     and ``summary.csv``, same names and columns) and the run's own files are left alone. ``tag`` writes the run's
     own test to ``test_<tag>/`` (e.g. scored with other ``--set eval.*`` settings). Test images the run learned from
     through a dataset sharing images, or a near-duplicate or patient of one, are left out and listed in
-    ``excluded.csv`` (:mod:`busbench.data.leakage`).
+    ``excluded.csv`` (:mod:`busbench.data.leakage`). ``save_masks`` also writes every scored mask (at
+    ``eval.resolution``) to ``<test folder>/masks/<dataset>/<fold k | ensemble>/<sample_id>.png``, 0/255 PNGs that
+    ``busbench score`` reads back.
     """
     ensure_console_logging()
     run_dir = Path(run_dir)
@@ -442,12 +467,14 @@ def evaluate_run(
     results.output_dirs(run_dir, dataset, tag)  # checks the tag before anything runs
     trackers.check_available(cfg)
     with locked(run_dir, wait=30.0):
-        path = _evaluate_locked(run_dir, cfg, dataset, tag)
+        path = _evaluate_locked(run_dir, cfg, dataset, tag, save_masks)
     trackers.log_summary(cfg, path, run_dir)
     return path
 
 
-def _evaluate_locked(run_dir: Path, cfg: Config, dataset: str | None = None, tag: str | None = None) -> Path:
+def _evaluate_locked(
+    run_dir: Path, cfg: Config, dataset: str | None = None, tag: str | None = None, save_masks: bool = False
+) -> Path:
     keys = list(cfg.data.datasets) if dataset is None else [dataset]
     out_dir, test_dir = results.output_dirs(run_dir, dataset, tag)
     checkpoints = _fold_checkpoints(run_dir, cfg)
@@ -473,7 +500,9 @@ def _evaluate_locked(run_dir: Path, cfg: Config, dataset: str | None = None, tag
             key,
             cfg.eval.resolution,
         )
-        tables, manifest = _score_dataset(cfg, key, models, device, trained_on.get(key))
+        sources = [f"fold{m['fold']}" for m in meta] + ["ensemble"]
+        mask_dirs = [test_dir / "masks" / key / name for name in sources] if save_masks else None
+        tables, manifest = _score_dataset(cfg, key, models, device, trained_on.get(key), mask_dirs)
         left_out = set(excluded[key]["sample_id"])
         if left_out:
             LOG.warning(
@@ -541,10 +570,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write the results to DIR/test_NAME/ (summary.csv included) instead of DIR/summary.csv and DIR/test/, "
         "e.g. --set eval.tta=true --tag tta",
     )
+    parser.add_argument(
+        "--save-masks",
+        action="store_true",
+        help="also write each fold model's and the ensemble's masks to <test folder>/masks/<dataset>/<source>/",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    path = evaluate_run(args.run, args.set, dataset=args.dataset, tag=args.tag)
+    path = evaluate_run(args.run, args.set, dataset=args.dataset, tag=args.tag, save_masks=args.save_masks)
     summary = pd.read_csv(path, dtype={"fold": str})
     shown = summary[["dataset", "fold", "n_test", "dice", "iou", "hd95", "hd95_penalised", "normal_fp_rate"]]
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))

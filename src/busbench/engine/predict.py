@@ -51,7 +51,13 @@ from busbench.data.geometry import restore
 from busbench.data.loader import SegmentationDataset, make_loader
 from busbench.engine import checkpoint as ckpt
 from busbench.engine import tasks
-from busbench.engine.evaluate import _fold_checkpoints, _load_models, load_run_config, predict_batch
+from busbench.engine.evaluate import (
+    _fold_checkpoints,
+    _load_models,
+    load_run_config,
+    predict_batch,
+    write_mask,
+)
 from busbench.engine.finetune import _sha256
 from busbench.engine.inference import resolve_device
 from busbench.engine.runlog import LOG, ensure_console_logging, environment, now
@@ -203,11 +209,6 @@ def _png(array: np.ndarray) -> bytes:
     if not ok:
         raise DataError("PNG encoding failed")
     return buf.tobytes()
-
-
-def write_mask(path: Path, mask: np.ndarray) -> None:
-    """A boolean mask as a 0/255 8-bit PNG, written atomically."""
-    atomic_write_bytes(path, _png(mask.astype(np.uint8) * np.uint8(255)))
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
