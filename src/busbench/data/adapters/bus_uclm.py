@@ -8,7 +8,16 @@ Rules:
 - ``patient_id`` is the 4-letter pseudonymised code before the underscore;
 - masks are colour-coded and must hold only exact black (0,0,0) background, green (0,255,0) benign lesion and
   red (255,0,0) malignant lesion; any other colour raises a DataError naming the file. The class map comes from
-  the colours (a colour that disagrees with the row's Label is noted; the pixels win);
+  the colours;
+- label rule, when INFO.csv's Label and the mask colours disagree: **the mask decides** (:func:`label_from_mask`).
+  An empty mask is ``normal``, a green-only mask ``benign``, a red-only mask ``malignant``; a mask with both
+  colours keeps a lesion Label and is otherwise named by the colour with more pixels. The mask is the ground truth
+  every metric is computed against, so the label that sorts images into lesion and normal (lesion-only Dice, the
+  normal-image false-positive rate) and stratifies the split must agree with it: a "Normal" row with lesion pixels
+  would otherwise be a normal image whose lesion is scored, and a lesion row with an empty mask a lesion image with
+  nothing to find. Relabelled samples are listed in :attr:`relabelled` and noted when decoded. On the 70-image
+  shared sample of the release no row disagrees (28 Normal with empty masks, 21 Benign green-only, 21 Malignant
+  red-only);
 - Doppler/Marks/Combined are kept as metadata, normalised to Yes/No (the release has one stray ``Y``);
   ``exclude_doppler`` / ``exclude_marks`` / ``exclude_combined`` drop the rows flagged Yes (listed in
   :attr:`excluded`);
@@ -42,6 +51,18 @@ from busbench.errors import ConfigError, DataError
 
 HESN_RULES = ("resize_mask", "exclude")
 _YES_NO = {"yes": "Yes", "y": "Yes", "no": "No", "n": "No"}
+
+
+def label_from_mask(class_map: np.ndarray, info_label: str) -> str:
+    """The sample's label under the BUS-UCLM label rule (module docstring): the mask colours decide."""
+    benign, malignant = int(np.count_nonzero(class_map == 1)), int(np.count_nonzero(class_map == 2))
+    if benign and malignant:
+        if info_label in ("benign", "malignant"):
+            return info_label
+        return "benign" if benign >= malignant else "malignant"
+    if benign:
+        return "benign"
+    return "malignant" if malignant else "normal"
 
 
 def decode_colour_mask(path: Path) -> np.ndarray:
@@ -96,6 +117,8 @@ class BusUclmAdapter(Adapter):
                 raise ConfigError(f"bus_uclm option {name}={value!r} must be true or false")
         self.exclude = {"Doppler": exclude_doppler, "Marks": exclude_marks, "Combined": exclude_combined}
         self.hesn_rule = hesn_rule
+        #: sample id -> (INFO.csv label, label given by the mask colours) where they disagree (set by scan)
+        self.relabelled: dict[str, tuple[str, str]] = {}
 
     def options(self) -> dict[str, Any]:
         return {
@@ -111,6 +134,7 @@ class BusUclmAdapter(Adapter):
     def scan(self, dataset_dir: Path) -> list[RawSample]:
         dataset_dir = Path(dataset_dir)
         self.excluded = {}
+        self.relabelled = {}
         info = dataset_dir / L.UCLM_INFO
         required = L.UCLM_REQUIRED + tuple(flag for flag, on in self.exclude.items() if on)
         rows = read_table(info, ";", required)
@@ -167,6 +191,10 @@ class BusUclmAdapter(Adapter):
                         "(hesn_rule=exclude)"
                     )
                     continue
+            by_mask = label_from_mask(decode_colour_mask(mask_path), label)
+            if by_mask != label:
+                self.relabelled[sample_id] = (label, by_mask)
+                label = by_mask
             samples.append(
                 RawSample(
                     sample_id=sample_id,
@@ -199,6 +227,12 @@ class BusUclmAdapter(Adapter):
             )
         class_map, fit_notes = fit_to_image(class_map, shape, mask_path, " (hesn_rule=resize_mask)")
         notes.extend(fit_notes)
+        relabelled = self.relabelled.get(sample.sample_id)
+        if relabelled is not None:
+            notes.append(
+                f"{mask_path.name}: INFO.csv says {relabelled[0].capitalize()} but the mask colours say "
+                f"{relabelled[1]}; labelled {relabelled[1]} (the mask decides)"
+            )
         values = set(np.unique(class_map).tolist()) - {0}
         expected = {"normal": set(), "benign": {1}, "malignant": {2}}[sample.label]
         if values - expected:
