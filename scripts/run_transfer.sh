@@ -14,6 +14,10 @@
 #      overrides apply to the fine-tuning runs only, e.g. --ft-set train.lr=1e-5 --ft-set train.epochs=30
 #   4. busbench transfer -> <results>/<experiment>/transfer.csv and transfer.md (rows: training data, columns:
 #      test dataset; fine-tuned runs appear as rows "A->B"), and the heatmap transfer_heatmap.png
+# No row is scored on an image a run learned from: busbench test leaves out every test image that is, or shares a
+# near-duplicate group or patient with, a training or validation image of the run or of the run it was fine-tuned
+# from (BUSI and Curated BUSI share images), lists them in excluded.csv, and busbench transfer refuses summaries
+# written before that rule.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATASETS=${DATASETS:-"busi busbra bus_uclm"}

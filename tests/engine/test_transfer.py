@@ -278,3 +278,20 @@ def test_a_changed_manifest_of_the_training_data_is_refused(near_copy, tmp_path)
 def test_unions_of_datasets_sharing_images_are_refused(data_root, tmp_path):
     with pytest.raises(ConfigError, match="busi and curated_busi share images"):
         tiny_config(data_root, tmp_path, "data.dataset=[busi, curated_busi]")
+
+
+def test_transfer_refuses_scores_written_before_the_exclusion(matrix, tmp_path):
+    """A summary without n_excluded, of a run scored on a dataset sharing its training images, may hold rows
+    scored on learned images: the matrix refuses it instead of tabulating contaminated numbers."""
+    run = tmp_path / "results" / "demo" / "busi" / "unet"
+    shutil.copytree(matrix["runs"]["busi"], run, ignore=shutil.ignore_patterns(".lock"))
+    evaluate_run(run, dataset="curated_busi")
+    summary = run / "test_on_curated_busi" / "summary.csv"
+    pd.read_csv(summary).drop(columns=["n_excluded"]).to_csv(summary, index=False)
+    with pytest.raises(DataError, match="rerun busbench test .* --dataset curated_busi"):
+        write_transfer([tmp_path / "results"])
+    (run / "test_on_curated_busi" / "summary.csv").unlink()
+    own = run / "summary.csv"
+    pd.read_csv(own).drop(columns=["n_excluded"]).to_csv(own, index=False)
+    with pytest.raises(DataError, match="written before busbench left out"):
+        write_transfer([tmp_path / "results"])

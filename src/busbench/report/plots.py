@@ -107,7 +107,9 @@ def heatmap_matrix(df: pd.DataFrame, metric: str = "dice") -> tuple[pd.DataFrame
     if "source" in df.columns and (df["source"] == "ensemble").any():
         df = df[df["source"] == "ensemble"]
     if "model" not in df.columns:
-        return df.pivot_table(index="train_dataset", columns="test_dataset", values=metric, aggfunc="mean"), []
+        return df.pivot_table(
+            index="train_dataset", columns="test_dataset", values=metric, aggfunc="mean"
+        ), []
     cells = df.groupby(["train_dataset", "test_dataset"])["model"].agg(frozenset)
     common = sorted(frozenset.intersection(*cells.tolist())) if len(cells) else []
     if not common:
@@ -116,14 +118,26 @@ def heatmap_matrix(df: pd.DataFrame, metric: str = "dice") -> tuple[pd.DataFrame
             "test every model on every dataset, or plot one model (filter transfer.csv by its model column)"
         )
     df = df[df["model"].isin(common)]
-    return df.pivot_table(index="train_dataset", columns="test_dataset", values=metric, aggfunc="mean"), common
+    return df.pivot_table(
+        index="train_dataset", columns="test_dataset", values=metric, aggfunc="mean"
+    ), common
 
 
-def transfer_heatmap(transfer_csv: Path, out: Path, metric: str = "dice", experiment: str | None = None) -> Path:
+def mixed_cells(df: pd.DataFrame) -> bool:
+    """Whether some (training data, test dataset) cell holds rows of more than one experiment."""
+    if "experiment" not in df.columns:
+        return False
+    return bool((df.groupby(["train_dataset", "test_dataset"])["experiment"].nunique() > 1).any())
+
+
+def transfer_heatmap(
+    transfer_csv: Path, out: Path, metric: str = "dice", experiment: str | None = None
+) -> Path:
     """Heatmap of a transfer matrix: rows = training dataset, columns = test dataset.
 
-    Averages only within one experiment (``experiment``, required when the CSV holds several) and only over the
-    models present in every cell (:func:`heatmap_matrix`).
+    A cell averages only within one experiment (``experiment`` must be named when a cell holds rows of several;
+    fine-tuned ``A->B`` rows of their own experiments share no cell with the direct ones) and only over the models
+    present in every cell (:func:`heatmap_matrix`).
     """
     df = pd.read_csv(transfer_csv)
     if not {"train_dataset", "test_dataset", metric} <= set(df.columns):
@@ -133,10 +147,10 @@ def transfer_heatmap(transfer_csv: Path, out: Path, metric: str = "dice", experi
         df = df[df["experiment"].astype(str) == experiment]
         if df.empty:
             raise DataError(f"{transfer_csv} has no rows of experiment {experiment!r}; it has {experiments}")
-    elif len(experiments) > 1:
+    elif mixed_cells(df):
         raise DataError(
-            f"{transfer_csv} holds several experiments ({', '.join(experiments)}); scores are averaged within one "
-            "experiment only, so name it (busbench plot transfer draws one heatmap per experiment)"
+            f"{transfer_csv} holds several experiments ({', '.join(experiments)}) in one cell; scores are averaged "
+            "within one experiment only, so name it (busbench plot transfer draws one heatmap per experiment)"
         )
     matrix, models = heatmap_matrix(df, metric)
     fig, ax = plt.subplots(figsize=(1.2 * matrix.shape[1] + 2.5, 1.0 * matrix.shape[0] + 1.8))
@@ -144,8 +158,10 @@ def transfer_heatmap(transfer_csv: Path, out: Path, metric: str = "dice", experi
     ax.set_xticks(range(matrix.shape[1]), matrix.columns, rotation=30, ha="right")
     ax.set_yticks(range(matrix.shape[0]), matrix.index)
     which = models[0] if len(models) == 1 else f"mean over {', '.join(models)}" if models else ""
-    name = experiment or (experiments[0] if experiments else "")
-    ax.set(xlabel="test dataset", ylabel="training dataset", title=f"{name} transfer {metric} {which}".strip())
+    name = experiment or "+".join(experiments)
+    ax.set(
+        xlabel="test dataset", ylabel="training dataset", title=f"{name} transfer {metric} {which}".strip()
+    )
     for (i, j), v in np.ndenumerate(matrix.to_numpy()):
         if np.isfinite(v):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=9)
@@ -193,10 +209,10 @@ def run(args: argparse.Namespace) -> int:
     if "transfer" in kinds:
         for csv in args.dirs:
             table = pd.read_csv(csv)
-            experiments = sorted(table["experiment"].astype(str).unique()) if "experiment" in table else []
-            if len(experiments) <= 1:
+            if not mixed_cells(table):
                 written.append(transfer_heatmap(csv, (args.out or csv.parent) / f"{csv.stem}_heatmap.png"))
-            for name in experiments if len(experiments) > 1 else []:
+                continue
+            for name in sorted(table["experiment"].astype(str).unique()):
                 out = (args.out or csv.parent) / f"{csv.stem}_heatmap_{name}.png"
                 written.append(transfer_heatmap(csv, out, experiment=name))
     runs = _model_dirs(args.dirs) if set(kinds) & {"curves", "overlays"} else []

@@ -27,7 +27,8 @@ from pathlib import Path
 import pandas as pd
 
 from busbench.atomic import atomic_write_text
-from busbench.config import Config, config_from_file
+from busbench.config import DATASET_KEYS, Config, config_from_file
+from busbench.data import leakage
 from busbench.engine.results import SUMMARY, TRANSFER_PREFIX
 from busbench.errors import BusbenchError, DataError
 
@@ -78,6 +79,17 @@ def _rows_of(summary: Path, cfg: Config, run_dir: Path) -> list[dict[str, object
     ]
     if missing:
         raise DataError(f"{summary} lacks column(s) {', '.join(missing)}; rerun busbench test on {run_dir}")
+    if "n_excluded" not in df.columns:
+        learned = {leakage.family(s.dataset) for s in leakage.learned_from(cfg, run_dir)}
+        shared = sorted(
+            {str(d) for d in df["dataset"]} & {k for k in DATASET_KEYS if leakage.family(k) in learned}
+        )
+        if shared:
+            raise DataError(
+                f"{summary} was written before busbench left out test images the run learned from (it learned from "
+                f"images {', '.join(shared)} shares); rerun busbench test on {run_dir} "
+                f"{'--dataset ' + shared[0] if summary.parent != run_dir else ''}".rstrip()
+            )
     own = "+".join(cfg.data.datasets)
     init = _init_dataset(cfg) if cfg.train.init_from else ""
     train_label = f"{init or 'init'}->{own}" if cfg.train.init_from else own
