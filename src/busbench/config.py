@@ -368,7 +368,6 @@ def validate(data: dict[str, Any], source: str = "config", *, check_datasets: bo
     return cfg
 
 
-# losses with a multi-class counterpart (cross-entropy for BCE, multi-class soft Dice for Dice)
 def dataset_conflicts(cfg: Config) -> list[str]:
     """A union of datasets that hold the same images is refused: each one's test split would hold the other's
     development images, and the validation folds would leak the same way."""
@@ -382,6 +381,7 @@ def dataset_conflicts(cfg: Config) -> list[str]:
     ]
 
 
+# losses with a multi-class counterpart (cross-entropy for BCE, multi-class soft Dice for Dice)
 _MULTICLASS_LOSSES = ("bce_dice", "bce", "dice")
 
 
@@ -398,12 +398,11 @@ def method_conflicts(cfg: Config) -> list[str]:
                 f"train.strategy=adversarial_ds updates generator and discriminators on every batch, so "
                 f"train.accumulate must be 1 (got {t.accumulate}); raise train.batch_size instead"
             )
-        if t.amp == "fp16":
-            problems.append(
-                "train.strategy=adversarial_ds has no gradient scaling, so train.amp=fp16 would underflow; "
-                "set train.amp=bf16 or none"
-            )
         if cfg.task.mode != "binary":
+            problems.append(
+                f"train.strategy=adversarial_ds judges one-channel lesion masks, so task.mode must be binary "
+                f"(got {cfg.task.mode})"
+            )
     mask_threshold = cfg.model.params.get("mask_threshold", 0.5)
     if (
         cfg.model.name == "maskrcnn"
@@ -415,10 +414,6 @@ def method_conflicts(cfg: Config) -> list[str]:
             f"({mask_threshold}), so eval.threshold={cfg.eval.threshold} would act as {mask_threshold}; set "
             f"eval.threshold >= {mask_threshold}, or train with model.params.mask_threshold={cfg.eval.threshold}"
         )
-            problems.append(
-                f"train.strategy=adversarial_ds judges one-channel lesion masks, so task.mode must be binary "
-                f"(got {cfg.task.mode})"
-            )
     if cfg.task.mode == "multiclass" and t.loss not in _MULTICLASS_LOSSES:
         problems.append(
             f"task.mode=multiclass trains with cross-entropy and/or Dice: train.loss must be one of "

@@ -130,7 +130,6 @@ def test_epoch_sampler_with_repeated_indices() -> None:
     ("sets", "message"),
     [
         (("train.strategy=adversarial_ds", "train.accumulate=2"), "train.accumulate must be 1"),
-        (("train.strategy=adversarial_ds", "train.amp=fp16"), "train.amp=bf16 or none"),
         (("train.strategy=adversarial_ds", "task.mode=multiclass"), "task.mode must be binary"),
         (("task.mode=multiclass", "train.loss=focal"), "train.loss must be one of bce_dice, bce, dice"),
         (("task.multitask_lambda=1.5",), "task.multitask_lambda"),

@@ -324,12 +324,15 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def wrap(module: nn.Module, device: torch.device) -> nn.Module:
+def wrap(module: nn.Module, device: torch.device, accumulate: int = 1) -> nn.Module:
     """``module`` in DistributedDataParallel (itself in one process).
 
-    ``static_graph``: every training step of a busbench model uses the same parameters, but some models hold layers
-    a configuration never uses (auxiliary heads with deep supervision off); a static graph lets DDP learn that set
-    once, in the first step, instead of searching the autograd graph every step (``find_unused_parameters``).
+    Some models hold layers a configuration never uses (auxiliary heads with deep supervision off), so DDP must
+    know which parameters receive no gradient. Without gradient accumulation a static graph lets it learn that set
+    once, in the first step. With ``train.accumulate > 1`` the micro-batches before the last one run under
+    :func:`gradient_sync` (``no_sync``), which DDP's static graph does not support in torch 2.x (it fails in the
+    first backward, or stops all-reducing after it), so the unused set is searched every step instead
+    (``find_unused_parameters``).
     """
     if not context().active:
         return module
@@ -338,9 +341,30 @@ def wrap(module: nn.Module, device: torch.device) -> nn.Module:
         if device.type == "cuda"
         else None
     )
+    if accumulate > 1:
+        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
     return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, static_graph=True)
 
 
+def _ddp(module: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The DistributedDataParallel wrapper of a training forward (also inside ``torch.compile``), or None."""
+    module = getattr(module, "_orig_mod", module)
+    return module if isinstance(module, nn.parallel.DistributedDataParallel) else None
+
+
+def gradient_sync(module: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Context for one micro-batch's forward and backward: gradients are all-reduced only when ``sync``.
+
+    With gradient accumulation only the last micro-batch of an optimiser step needs the all-reduce; the others
+    accumulate locally under DDP's ``no_sync`` (the summed gradient is the same, with one all-reduce per step
+    instead of one per micro-batch). A no-op in one process.
+    """
+    ddp = _ddp(module)
+    return contextlib.nullcontext() if sync or ddp is None else ddp.no_sync()
+
+
 def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (for forward passes only one rank makes)."""
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+    """The module inside a DistributedDataParallel wrapper and ``torch.compile`` (for forward passes only one rank
+    makes, which must not run DDP's collectives)."""
+    ddp = _ddp(module)
+    return ddp.module if ddp is not None else module

@@ -1,8 +1,9 @@
 """Device choice, mixed precision and batched prediction, shared by validation and testing.
 
-Mixed precision runs on CUDA only: ``bf16`` autocast (no gradient scaling needed) where the GPU supports it, else
-``fp16`` with a gradient scaler. On the CPU everything runs in float32; the ``train.amp`` setting is then ignored,
-so the same config trains on a laptop and on a GPU node.
+Mixed precision runs on CUDA only: ``bf16`` autocast (no gradient scaling needed) where the GPU computes bfloat16
+natively (Ampere and newer), else ``fp16`` with a gradient scaler (V100, T4: their bfloat16 is emulated). On the
+CPU everything runs in float32; the ``train.amp`` setting is then ignored, so the same config trains on a laptop
+and on a GPU node.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     if device.type != "cuda" or amp == "none":
         return None
     if amp == "bf16":
-        if torch.cuda.is_bf16_supported():
+        # emulated bf16 (V100, T4, ...) computes in float32 at bfloat16's precision: slower and less accurate
+        if torch.cuda.is_bf16_supported(including_emulation=False):
             return torch.bfloat16
-        LOG.warning("this GPU has no bfloat16 support; using float16 with gradient scaling instead")
+        LOG.warning("this GPU has no native bfloat16; using float16 with gradient scaling instead")
         return torch.float16
     return torch.float16
 

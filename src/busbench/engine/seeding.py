@@ -43,8 +43,22 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = torch.cuda.is_available()
 
 
-def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
-    """Every generator's state as tensors and lists of ints (loadable with ``weights_only=True``)."""
+def device_rng_state() -> torch.Tensor | None:
+    """The generator state of this process's CUDA device (None without CUDA)."""
+    return torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+
+
+def rng_state(
+    generator: torch.Generator | None = None, device_states: list[torch.Tensor | None] | None = None
+) -> dict[str, Any]:
+    """Every generator's state as tensors and lists of ints (loadable with ``weights_only=True``).
+
+    ``device_states`` lists the CUDA generator state of each rank's own device, in rank order (under torchrun each
+    process draws dropout and drop-path masks on its own GPU, which no other process advances); by default this
+    process's device alone. CPU-side generators are the same on every rank, so one copy is kept.
+    """
+    if device_states is None:
+        device_states = [device_rng_state()]
     version, internal, gauss = random.getstate()
     np_state = np.random.get_state(legacy=False)  # noqa: NPY002
     state: dict[str, Any] = {
@@ -56,14 +70,18 @@ def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
             "gauss": float(np_state["gauss"]),
         },
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda_per_rank": [] if all(d is None for d in device_states) else list(device_states),
         "loader": generator.get_state() if generator is not None else None,
     }
     return state
 
 
-def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = None) -> None:
-    """Restore the states captured by :func:`rng_state`."""
+def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = None, rank: int = 0) -> None:
+    """Restore the states captured by :func:`rng_state`; ``rank`` picks this process's CUDA device state.
+
+    A rank the checkpoint holds no device state for (resumed with more processes than wrote it) keeps its seeded
+    device generator.
+    """
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     np_state = state["numpy"]
@@ -76,7 +94,11 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = Non
         }
     )
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    per_rank = state.get("cuda_per_rank")
+    if per_rank is not None:
+        if torch.cuda.is_available() and rank < len(per_rank) and per_rank[rank] is not None:
+            torch.cuda.set_rng_state(per_rank[rank])  # the current device: this rank's GPU
+    elif state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])  # checkpoints written before per-rank states
     if generator is not None and state.get("loader") is not None:
         generator.set_state(state["loader"])

@@ -51,7 +51,7 @@ from busbench.engine.inference import autocast, predict
 from busbench.errors import ConfigError, ModelError
 from busbench.losses import build_loss
 from busbench.methods.adversarial import STAGE_WEIGHTS, AdversarialDeepSupervision
-from busbench.methods.multiclass import CLASS_NAMES, NUM_CLASSES, MulticlassLoss
+from busbench.methods.multiclass import CLASS_NAMES, NUM_CLASSES, MulticlassLoss, check_class_target
 from busbench.methods.multitask import (
     CLASS_LABELS,
     MultiTaskLoss,
@@ -190,11 +190,16 @@ class Task:
         """The training criterion; ``binary_loss(cfg.train)`` builds the binary one (the trainer passes its own)."""
         return binary_loss(self.cfg.train)
 
-    def outputs(self, forward: nn.Module, x: Tensor, y: Tensor) -> Any:
-        """The network's training outputs on images ``x`` (called under autocast); ``y``: the masks, which models
-        with ``returns_loss_dict`` take to compute their own losses."""
+    def outputs(
+        self, forward: nn.Module, x: Tensor, y: Tensor, batch: Mapping[str, Any] | None = None
+    ) -> Any:
+        """The network's training outputs on images ``x`` (called under autocast); ``y``: the masks on the device.
+
+        Models with ``returns_loss_dict`` take the masks to compute their own losses; they get the batch's masks
+        as loaded (on the host), where Mask R-CNN finds the lesion instances, rather than a copy read back from
+        the GPU."""
         if getattr(unwrap(forward), "returns_loss_dict", False):
-            return forward(x, y)
+            return forward(x, batch["mask"] if batch is not None else y)
         return forward(x)
 
     def loss(self, criterion: nn.Module, outputs: Any, batch: Mapping[str, Any], y: Tensor) -> Tensor:
@@ -290,7 +295,10 @@ class MulticlassTask(Task):
         return MulticlassLoss(ce_weight=ce_weight, ds_weights=t.deep_supervision_weights)
 
     def loss(self, criterion: nn.Module, outputs: Any, batch: Mapping[str, Any], y: Tensor) -> Tensor:
-        return criterion(outputs, batch["class_map"].to(y.device, non_blocking=True))
+        target = batch["class_map"]
+        if y.device.type != "cpu":
+            check_class_target(target, NUM_CLASSES)  # on the host copy: the loss does not read device values
+        return criterion(outputs, target.to(y.device, non_blocking=True))
 
     @torch.inference_mode()
     def predict(
@@ -514,15 +522,27 @@ class AdversarialTraining:
         ).to(device)
         discriminator = self.strategy.build_optimizers(model)["discriminator"]
         self.optimizers = {"generator": optimizer, "discriminator": discriminator}
-        self.last_logs: dict[str, float] = {}
+        self.last_logs: dict[str, Tensor] = {}
 
     def step(
-        self, forward: nn.Module, x: Tensor, y: Tensor, device: torch.device, dtype: torch.dtype | None
+        self,
+        forward: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        device: torch.device,
+        dtype: torch.dtype | None,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> Tensor:
-        """One generator and one discriminator update; returns the generator's loss (for the training log)."""
-        with autocast(device, dtype):
-            self.last_logs = self.strategy.training_step(forward, {"image": x, "mask": y}, self.optimizers)
-        return torch.tensor(self.last_logs["loss"], device=x.device)
+        """One generator and one discriminator update (forward passes under autocast, backward passes through the
+        trainer's gradient scaler); returns the generator's loss, on the device (for the training log)."""
+        self.last_logs = self.strategy.training_step(
+            forward,
+            {"image": x, "mask": y},
+            self.optimizers,
+            scaler=scaler,
+            autocast=lambda: autocast(device, dtype),
+        )
+        return self.last_logs["loss"]
 
     def state_dict(self) -> dict[str, Any]:
         return self.strategy.state_dict()

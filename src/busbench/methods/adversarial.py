@@ -26,7 +26,8 @@ Choices where the paper leaves room, stated so they can be changed:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import segmentation_models_pytorch.losses as smp_losses
@@ -99,7 +100,7 @@ class AdversarialDeepSupervision:
         strategy = AdversarialDeepSupervision(image_channels=1).to(device)
         optimizers = strategy.build_optimizers(model)   # {"generator": ..., "discriminator": ...}
         for batch in loader:
-            logs = strategy.training_step(model, batch, optimizers)   # floats, "loss" = generator total
+            logs = strategy.training_step(model, batch, optimizers)   # 0-d tensors, "loss" = generator total
         checkpoint["strategy"] = strategy.state_dict()                # discriminators + their optimiser
 
     The model must return ``len(stage_weights)`` outputs ``[main, aux...]`` at input resolution in training mode
@@ -204,8 +205,9 @@ class AdversarialDeepSupervision:
 
     def generator_loss(
         self, outputs: Tensor | Sequence[Tensor], images: Tensor, masks: Tensor
-    ) -> tuple[Tensor, dict[str, float]]:
-        """``sum_i alpha_i Dice_i + beta sum_i BCE(D_i(fake_i), 1)`` and its parts as floats."""
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``sum_i alpha_i Dice_i + beta sum_i BCE(D_i(fake_i), 1)`` and its parts (detached 0-d tensors, read by
+        the caller when it logs, so that a training step does not wait for the GPU)."""
         outputs = self._stage_outputs(outputs, masks)
         dice = self.dice_terms(outputs, masks)
         total = sum((w * d for w, d in zip(self.stage_weights, dice, strict=True)), start=masks.new_zeros(()))
@@ -214,13 +216,13 @@ class AdversarialDeepSupervision:
             for disc, out in zip(self.discriminators, outputs, strict=True):
                 adv = adv + _bce(disc(self.discriminator_input(images, torch.sigmoid(out))), real=True)
             total = total + self.adv_weight * adv
-        parts = {f"dice_{i}": float(d.detach()) for i, d in enumerate(dice)}
-        parts["adv_g"] = float(adv.detach())
+        parts = {f"dice_{i}": d.detach() for i, d in enumerate(dice)}
+        parts["adv_g"] = adv.detach()
         return total, parts
 
     def discriminator_loss(
         self, outputs: Sequence[Tensor], images: Tensor, masks: Tensor
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """``sum_i (BCE(D_i(real), 1) + BCE(D_i(fake_i), 0)) / 2`` on detached predictions."""
         outputs = self._stage_outputs(outputs, masks)
         real_in = self.discriminator_input(images, masks.float())
@@ -228,7 +230,7 @@ class AdversarialDeepSupervision:
         for disc, out in zip(self.discriminators, outputs, strict=True):
             fake_in = self.discriminator_input(images, torch.sigmoid(out.detach()))
             total = total + 0.5 * (_bce(disc(real_in), real=True) + _bce(disc(fake_in), real=False))
-        return total, {"loss_d": float(total.detach())}
+        return total, {"loss_d": total.detach()}
 
     # ---------------------------------------------------------------------------------------------------------
     # updates
@@ -238,49 +240,92 @@ class AdversarialDeepSupervision:
             p.requires_grad_(flag)
 
     def generator_step(
-        self, model: nn.Module, images: Tensor, masks: Tensor, optimizer: torch.optim.Optimizer
-    ) -> tuple[list[Tensor], dict[str, float]]:
-        """One update of the model; the discriminators are frozen. Returns the (detached) outputs and the losses."""
+        self,
+        model: nn.Module,
+        images: Tensor,
+        masks: Tensor,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None = None,
+        autocast: Callable[[], AbstractContextManager] = nullcontext,
+    ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """One update of the model; the discriminators are frozen. Returns the (detached) outputs and the losses.
+
+        ``autocast`` makes the context of the forward pass (mixed precision); ``scaler`` scales the loss before the
+        backward pass and skips the update on overflow (float16). The backward pass runs outside autocast."""
         model.train()
         self._set_discriminators_trainable(False)
         try:
-            outputs = self._stage_outputs(model(images), masks)
-            total, parts = self.generator_loss(outputs, images, masks)
+            with autocast():
+                outputs = self._stage_outputs(model(images), masks)
+                total, parts = self.generator_loss(outputs, images, masks)
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if self.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
-            optimizer.step()
+            _update(total, optimizer, model.parameters(), self.grad_clip, scaler)
         finally:
             self._set_discriminators_trainable(True)
-        parts["loss_g"] = float(total.detach())
+        parts["loss_g"] = total.detach()
         return [o.detach() for o in outputs], parts
 
     def discriminator_step(
-        self, outputs: Sequence[Tensor], images: Tensor, masks: Tensor, optimizer: torch.optim.Optimizer
-    ) -> dict[str, float]:
+        self,
+        outputs: Sequence[Tensor],
+        images: Tensor,
+        masks: Tensor,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None = None,
+        autocast: Callable[[], AbstractContextManager] = nullcontext,
+    ) -> dict[str, Tensor]:
         """One update of the discriminators on detached predictions; the model is not touched."""
         self.discriminators.train()
-        total, parts = self.discriminator_loss(outputs, images, masks)
+        with autocast():
+            total, parts = self.discriminator_loss(outputs, images, masks)
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if self.grad_clip:
-            nn.utils.clip_grad_norm_(self.discriminators.parameters(), self.grad_clip)
-        optimizer.step()
+        _update(total, optimizer, self.discriminators.parameters(), self.grad_clip, scaler)
         return parts
 
     def training_step(
-        self, model: nn.Module, batch: Any, optimizers: Mapping[str, torch.optim.Optimizer]
-    ) -> dict[str, float]:
-        """Generator update, then discriminator update, on one batch. Returns the losses; ``loss`` is the
-        generator's total (the number to log as the training loss)."""
+        self,
+        model: nn.Module,
+        batch: Any,
+        optimizers: Mapping[str, torch.optim.Optimizer],
+        scaler: torch.amp.GradScaler | None = None,
+        autocast: Callable[[], AbstractContextManager] = nullcontext,
+    ) -> dict[str, Tensor]:
+        """Generator update, then discriminator update, on one batch. Returns the losses as detached 0-d tensors
+        on the batch's device; ``loss`` is the generator's total (the number to log as the training loss).
+
+        With a ``scaler`` (float16) both updates go through it and its scale is updated once, after both."""
         images, masks = _unpack(batch)
         if masks.ndim == 3:
             masks = masks.unsqueeze(1)
         device = images.device
         if next(self.discriminators.parameters()).device != device:
             self.to(device)
-        outputs, logs = self.generator_step(model, images, masks, optimizers["generator"])
-        logs.update(self.discriminator_step(outputs, images, masks, optimizers["discriminator"]))
+        outputs, logs = self.generator_step(model, images, masks, optimizers["generator"], scaler, autocast)
+        logs.update(
+            self.discriminator_step(outputs, images, masks, optimizers["discriminator"], scaler, autocast)
+        )
+        if scaler is not None:
+            scaler.update()
         logs["loss"] = logs["loss_g"]
         return logs
+
+
+def _update(
+    loss: Tensor,
+    optimizer: torch.optim.Optimizer,
+    params: Iterable[nn.Parameter],
+    grad_clip: float | None,
+    scaler: torch.amp.GradScaler | None,
+) -> None:
+    """Backward pass and optimiser step, through ``scaler`` when given (its ``update`` is the caller's)."""
+    if scaler is None:
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)

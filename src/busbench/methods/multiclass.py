@@ -55,25 +55,31 @@ def class_map_from_binary(mask: np.ndarray, label: str) -> np.ndarray:
     return (lesion * cls).astype(np.uint8)
 
 
+def check_class_target(target: Tensor, num_classes: int) -> None:
+    """Refuse a class map with fractional or out-of-range class indices (a ModelError naming them).
+
+    This reads the values, so the trainer calls it on the batch as loaded, on the host: on a GPU tensor the read
+    would make every training step wait for the GPU. The loss checks CPU targets itself.
+    """
+    if target.is_floating_point() and not torch.equal(target.round(), target):
+        raise ModelError("a multi-class target must hold whole class indices, got fractional values")
+    if target.numel():
+        low, high = int(target.min()), int(target.max())
+        if low < 0 or high >= num_classes:
+            raise ModelError(f"a multi-class target holds classes {low}..{high}, outside 0..{num_classes - 1}")
+
+
 def _as_class_target(target: Tensor, num_classes: int) -> Tensor:
+    """``(B, H, W)`` int64 class indices; values are checked when they are on the host (:func:`check_class_target`)."""
     if target.ndim == 4 and target.shape[1] == 1:
         target = target[:, 0]
     if target.ndim != 3:
         raise ModelError(
             f"a multi-class target must be a (B, H, W) map of class indices, got shape {tuple(target.shape)}"
         )
-    if target.is_floating_point():
-        rounded = target.round()
-        if not torch.equal(rounded, target):
-            raise ModelError("a multi-class target must hold whole class indices, got fractional values")
-        target = rounded
-    target = target.long()
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
-        raise ModelError(
-            f"a multi-class target holds classes {int(target.min())}..{int(target.max())}, "
-            f"outside 0..{num_classes - 1}"
-        )
-    return target
+    if target.device.type == "cpu":
+        check_class_target(target, num_classes)
+    return (target.round() if target.is_floating_point() else target).long()
 
 
 def multiclass_loss(logits: Tensor, target: Tensor, ce_weight: float = 0.5) -> Tensor:

@@ -176,7 +176,7 @@ class MultiTaskLoss(nn.Module):
     The Dice term is segmentation_models_pytorch's binary soft Dice over the whole batch (defined on batches of
     normal images with empty masks) and accepts deep-supervision lists, weighted as in
     :mod:`busbench.losses`. ``forward`` returns the total; ``last_parts`` holds the two terms of the latest
-    call as floats, for logging.
+    call as detached 0-d tensors, for logging (read them when logging, not every step: a read waits for the GPU).
     """
 
     def __init__(
@@ -188,7 +188,7 @@ class MultiTaskLoss(nn.Module):
         self.lam = float(lam)
         self.gamma = float(gamma)
         self.seg_loss = SegmentationLoss(build_criterion("dice"), ds_weights)
-        self.last_parts: dict[str, float] = {}
+        self.last_parts: dict[str, Tensor] = {}
 
     def forward(
         self, outputs: tuple[Tensor | Sequence[Tensor], Tensor], masks: Tensor, labels: Tensor
@@ -196,7 +196,7 @@ class MultiTaskLoss(nn.Module):
         seg, cls_logits = outputs
         seg_term = self.seg_loss(seg, masks)
         cls_term = multiclass_focal_loss(cls_logits, labels, self.gamma)
-        self.last_parts = {"seg": float(seg_term.detach()), "cls": float(cls_term.detach())}
+        self.last_parts = {"seg": seg_term.detach(), "cls": cls_term.detach()}
         return self.lam * seg_term + (1.0 - self.lam) * cls_term
 
 

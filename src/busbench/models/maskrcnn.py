@@ -15,10 +15,16 @@ downloading anything. Mask R-CNN is an instance model, so this wrapper translate
 
 Grey inputs are repeated to three channels. torchvision's internal resize is pinned to the configured image size
 and its normalisation is the identity, because busbench's loader already resizes and normalises.
+
+Mixed precision: only the backbone (ResNet-50 + FPN, most of the computation) runs under the caller's autocast.
+The RPN and the ROI heads run in float32, because torchvision decodes boxes in the dtype of the regression output:
+in bfloat16 (8 mantissa bits) box coordinates of a 224-512 px image snap to a grid of 1-2 px, which moves every
+proposal, every detection and the masks pasted into them.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,13 +44,18 @@ _PROB_EPS = 1e-6
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
-def maskrcnn_targets_from_masks(masks: Tensor, min_area: int = 1) -> list[dict[str, Tensor]]:
+def maskrcnn_targets_from_masks(
+    masks: Tensor, min_area: int = 1, device: torch.device | None = None
+) -> list[dict[str, Tensor]]:
     """One Mask R-CNN target per image: each 8-connected lesion component is an instance.
 
     ``masks`` is ``(B, 1, H, W)`` or ``(B, H, W)``, foreground where > 0.5. A component's box is
     ``[x0, y0, x1, y1]`` in pixel-edge coordinates (``x1 = last column + 1``), so a one-pixel lesion still has a
     box of positive size. Components smaller than ``min_area`` pixels are dropped. Images without lesions get
     empty targets, which torchvision trains on as pure background.
+
+    The components are found on the host: pass the masks as loaded (CPU) to avoid reading them back from the GPU;
+    the targets are made on ``device`` (default: the masks' device).
     """
     if masks.ndim == 4:
         if masks.shape[1] != 1:
@@ -52,8 +63,8 @@ def maskrcnn_targets_from_masks(masks: Tensor, min_area: int = 1) -> list[dict[s
         masks = masks[:, 0]
     if masks.ndim != 3:
         raise ModelError(f"masks must be (B, 1, H, W) or (B, H, W), got shape {tuple(masks.shape)}")
-    device = masks.device
-    binary = (masks > 0.5).cpu().numpy()
+    device = masks.device if device is None else device
+    binary = (masks.numpy() if masks.device.type == "cpu" else masks.cpu().numpy()) > 0.5
     h, w = binary.shape[1:]
     targets = []
     for mask in binary:
@@ -100,15 +111,15 @@ def instances_to_semantic(
         if masks.ndim == 3:
             masks = masks[:, None]
         hw = tuple(size) if size is not None else tuple(masks.shape[-2:])
-        keep = scores >= score_threshold
-        if keep.any():
-            kept = masks[keep].float()
-            if tuple(kept.shape[-2:]) != hw:
-                kept = F.interpolate(kept, size=hw, mode="bilinear", align_corners=False)
-            kept = torch.where(kept >= mask_threshold, kept, torch.zeros_like(kept))
-            maps.append(kept.amax(dim=0))
-        else:
+        if not masks.shape[0]:
             maps.append(masks.new_zeros((1, *hw), dtype=torch.float32))
+            continue
+        # instances below the score threshold are zeroed rather than selected, which would read `keep` back
+        kept = masks.float() * (scores >= score_threshold).float().view(-1, 1, 1, 1)
+        if tuple(kept.shape[-2:]) != hw:
+            kept = F.interpolate(kept, size=hw, mode="bilinear", align_corners=False)
+        kept = torch.where(kept >= mask_threshold, kept, torch.zeros_like(kept))
+        maps.append(kept.amax(dim=0))
     return torch.stack(maps)
 
 
@@ -175,8 +186,25 @@ class MaskRCNNSeg(SegModel):
         """Mask R-CNN's training losses on a batch of images and binary masks (the module must be training)."""
         if not self.training:
             raise ModelError("maskrcnn computes its losses in training mode only; call model.train() first")
-        targets = maskrcnn_targets_from_masks(masks, self.min_area)
-        return self.net(self._rgb(images), targets)
+        targets = maskrcnn_targets_from_masks(masks, self.min_area, device=images.device)
+        return self._detect(self._rgb(images), targets)
+
+    def _detect(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> Any:
+        """torchvision's detector forward (losses in training mode, detections in eval mode), with only the
+        backbone under the caller's autocast: resizing, the RPN, the ROI heads and the pasting of masks run in
+        float32 (see the module docstring)."""
+        net, device_type = self.net, images[0].device.type
+        sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        with torch.autocast(device_type, enabled=False):
+            batch, targets = net.transform([img.float() for img in images], targets)
+        features = net.backbone(batch.tensors)
+        with torch.autocast(device_type, enabled=False):
+            features = OrderedDict((name, f.float()) for name, f in features.items())
+            proposals, proposal_losses = net.rpn(batch, features, targets)
+            detections, detector_losses = net.roi_heads(features, proposals, batch.image_sizes, targets)
+            if self.training:
+                return {**detector_losses, **proposal_losses}
+            return net.transform.postprocess(detections, batch.image_sizes, sizes)
 
     def forward(self, x: Tensor, masks: Tensor | None = None) -> Any:
         if self.training:
@@ -186,7 +214,7 @@ class MaskRCNNSeg(SegModel):
                     "(models with returns_loss_dict = True), or switch to eval mode for predictions"
                 )
             return self.compute_loss(x, masks)
-        detections = self.net(self._rgb(x))
+        detections = self._detect(self._rgb(x))
         prob = instances_to_semantic(
             detections, self.score_threshold, self.mask_threshold, size=tuple(x.shape[-2:])
         )
