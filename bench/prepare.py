@@ -11,7 +11,10 @@ Results are printed and written to ``bench/results.md`` under ``## prepare`` (re
 section, leaving other sections alone).
 
 Run from the repository root with busbench installed:
-    python bench/prepare.py [--real ../shared/data/real] [--sizes 200 800 3200] [--rounds 1]
+    python bench/prepare.py [--real DIR] [--sizes 200 800 3200] [--rounds 1]
+
+``--real`` (default: ``$BUSBENCH_REAL_DATA``) names a folder holding ``BUSI/``, ``BUSBRA/`` and ``BUS-UCLM/``
+samples; without one, only the synthetic cases run.
 """
 
 from __future__ import annotations
@@ -110,7 +113,10 @@ TABLE_HEAD = (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--real", type=Path, default=Path(os.environ.get("BUSBENCH_REAL_DATA", "../shared/data/real"))
+        "--real",
+        type=Path,
+        default=os.environ.get("BUSBENCH_REAL_DATA") or None,
+        help="folder holding BUSI/, BUSBRA/ and BUS-UCLM/ samples (default: $BUSBENCH_REAL_DATA)",
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 800, 3200])
     parser.add_argument("--rounds", type=int, default=1, help="timing rounds per case; the best is kept")
@@ -123,8 +129,10 @@ def main() -> None:
 
     rows: list[tuple[str, dict]] = []
     print(TABLE_HEAD)
-    for key, (folder, folds) in REAL.items():
-        raw = args.real / folder
+    if args.real is None:
+        print("(skipping the real datasets: pass --real DIR or set BUSBENCH_REAL_DATA)")
+    for key, (folder, folds) in REAL.items() if args.real is not None else ():
+        raw = Path(args.real) / folder
         if not raw.is_dir():
             print(f"(skipping {key}: {raw} not found)")
             continue

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (if needed) and run the test suite. Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
-# Real-data tests read BUSBENCH_REAL_DATA (default: ../shared/data/real when that folder exists) and skip without it.
+# Real-data tests read BUSBENCH_REAL_DATA (a folder holding BUSI/, BUSBRA/ and BUS-UCLM/ samples) and skip without it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -z "${CONDA_PREFIX:-}" ]; then
@@ -9,10 +9,6 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -z "${CONDA_PREFIX:-}" ]; then
   . .venv/bin/activate
 fi
 bash scripts/setup.sh
-if [ -z "${BUSBENCH_REAL_DATA:-}" ] && [ -d ../shared/data/real ]; then
-  BUSBENCH_REAL_DATA="$(cd ../shared/data/real && pwd)"
-  export BUSBENCH_REAL_DATA
-fi
 set +e
 python -m pytest "$@"
 status=$?

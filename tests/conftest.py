@@ -1,7 +1,7 @@
 """Shared fixtures.
 
-Real-data tests read original files from the public datasets through ``BUSBENCH_REAL_DATA`` (CI sets it to
-``../shared/data/real``). Without it they skip and say why.
+Real-data tests read original files from the public datasets through ``BUSBENCH_REAL_DATA`` (CI points it at its copy of
+the samples). Without it they skip and say why.
 """
 
 from __future__ import annotations

@@ -126,7 +126,8 @@ def brute_force_hd95(pred, gt, mode):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# empty-mask conventions (reference.md section 4)
+# empty-mask conventions (README, Metrics: an empty pair scores Dice 1 and HD95 0; exactly one empty mask scores
+# Dice 0 and the worst-case HD95, the diagonal)
 
 H, W = 48, 64  # diagonal 80
 

@@ -19,7 +19,8 @@ from busbench.models.unext import shift_groups
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
 
-# anchor benchmark numbers at 1x1x224x224 with one output channel: (params in M, GMACs)
+# published counts at 1x1x224x224 with one output channel, from the BUSI table of Awesome_Segmentation_in_Medical
+# (github.com/Jonghwan-dev/Awesome_Segmentation_in_Medical; labelled GFLOPs there, MACs here): (params in M, GMACs)
 REFERENCE = {
     "unet": (34.53, 50.11),
     "attunet": (34.88, 50.96),

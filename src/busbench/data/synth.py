@@ -12,7 +12,7 @@ detectors see something BUS-like rather than noise:
 - multiplicative fully developed speckle (Rayleigh amplitude), smoothed anisotropically like a real point-spread
   function, then log compression to 8 bits.
 
-Each layout reproduces the facts recorded in ``docs/datasets.md``: file names, folder nesting, metadata tables
+Each layout reproduces the facts recorded in :mod:`busbench.data.layouts` (shared with the adapters): file names, folder nesting, metadata tables
 (encodings, BOMs, separators, header spellings), mask encodings (1-bit, L, RGB, RGBA, colour-coded) and the
 known quirks (BUSI multi-mask cases, colour overlays and duplicate images across classes; BUSBRA -l/-r pairs and
 a Height that disagrees with the pixels; BUS-UC's 1-px image/mask mismatch; BUS-UCLM's BOM-prefixed INFO.csv,

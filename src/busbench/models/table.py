@@ -1,7 +1,7 @@
 """``busbench models``: the registered models with their parameter count, GMACs and source.
 
-Each model is built with its default settings for a 1-channel input and one output channel, the setting of the
-published reference numbers; MACs are counted on one ``1 x 1 x size x size`` forward pass (see
+Each model is built with its default settings for a 1-channel input and one output channel, the setting in which
+public benchmark tables count them (``docs/models.md`` compares the transformer models with those tables); MACs are counted on one ``1 x 1 x size x size`` forward pass (see
 :mod:`busbench.models.cost`). Models that cannot be built at that size (fixed input sizes, required options) are
 listed with the reason instead of numbers. Models from plugins (:mod:`busbench.plugins`) are listed like the
 built-in ones, with the plugin module as their source.
