@@ -22,7 +22,7 @@ import pytest
 from busbench import cli, plugins
 from busbench.config import BUILTIN_DATASET_KEYS, known_dataset_keys, load_config
 from busbench.data.adapters import ADAPTERS, load_adapters
-from busbench.errors import ConfigError
+from busbench.errors import BusbenchError, ConfigError
 from busbench.models import registry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,15 +212,22 @@ def test_missing_or_broken_plugin_is_one_clear_error(
 ) -> None:
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "broken_plugin.py").write_text("import numpy\nraise ValueError('bad weights path')\n")
+    (tmp_path / "clash_plugin.py").write_text(
+        "from busbench.models.registry import register_model\n\n\n"
+        "@register_model('unet', paper='x', input_sizes='any')\ndef unet(**kwargs):\n    return None\n"
+    )
+    registry.model_specs()
     try:
         for value, message in (
+            ("clash_plugin", r"model 'unet' from plugin clash_plugin \(BUSBENCH_PLUGINS\) is already registered by busbench"),
             ("no_such_plugin_mod", r"'no_such_plugin_mod' \(from BUSBENCH_PLUGINS\) cannot be found; add the folder"),
             ("broken_plugin", r"'broken_plugin' \(from BUSBENCH_PLUGINS\) failed to import: ValueError: bad weights"),
         ):
             monkeypatch.setenv("BUSBENCH_PLUGINS", value)
             plugins.reset()
-            with pytest.raises(ConfigError, match=message):
+            with pytest.raises(BusbenchError, match=message):
                 plugins.load_plugins()
     finally:
         plugins.reset()
         sys.modules.pop("broken_plugin", None)
+        sys.modules.pop("clash_plugin", None)

@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass
 from importlib import metadata
 
-from busbench.errors import ConfigError
+from busbench.errors import BusbenchError, ConfigError
 
 ENV_VAR = "BUSBENCH_PLUGINS"
 ENTRY_POINT_GROUP = "busbench.plugins"
@@ -102,7 +102,7 @@ def _import(plugin: Plugin) -> None:
             f"{exc.name!r}, which is not installed"
         ) from exc
     except Exception as exc:
-        if isinstance(exc, ConfigError):
+        if isinstance(exc, BusbenchError):  # e.g. a key registered twice: its message already names the fix
             raise
         raise ConfigError(
             f"plugin module {plugin.module!r} (from {plugin.origin}) failed to import: "
