@@ -114,7 +114,7 @@ def outside(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 def _cli(*argv: str) -> None:
     start = time.perf_counter()
     code = cli.main(list(argv))
-    print(f"{time.perf_counter() - start:6.1f} s  busbench {' '.join(argv)}")  # shown with pytest -s
+    print(f"{time.perf_counter() - start:6.1f} s  busbench {' '.join(argv)}", file=sys.__stderr__)  # pytest -s
     assert code == 0, f"busbench {' '.join(argv)} exited {code}"
 
 
@@ -133,7 +133,8 @@ def test_outside_model_and_folder_dataset_through_the_cli(
         [sys.executable, "-m", "busbench", "models", "--names", "lab_*", "unet", "--size", "32", "--format", "csv"],
         env=env, capture_output=True, text=True, timeout=600, check=True,
     )
-    print(f"{time.perf_counter() - start:6.1f} s  busbench models --names lab_* unet --size 32 --format csv")
+    print(f"{time.perf_counter() - start:6.1f} s  busbench models --names lab_* unet --size 32 --format csv",
+          file=sys.__stderr__)
     rows = {r["key"]: r for r in csv.DictReader(io.StringIO(listed.stdout))}
     assert rows["lab_net"]["source"] == "plugin lab.busbench_models (BUSBENCH_PLUGINS)"
     assert rows["unet"]["source"] == "busbench"
