@@ -149,3 +149,28 @@ def test_nothing_usable_is_an_error(run_dir, tmp_path):
         predict_images(run_dir, [tmp_path / "in"], tmp_path / "out")
     assert "zero.png: file is empty" in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode", ["multiclass", "multitask"])
+def test_task_outputs(mode, synthetic_root, test_images, tmp_path):
+    """Multiclass runs add a class map that partitions the lesion mask; multitask runs add the predicted label."""
+    train(tiny_config(synthetic_root, tmp_path / "runs", "train.epochs=1", f"task.mode={mode}"))
+    run = tmp_path / "runs" / "demo" / "busi" / "unet"
+    out = tmp_path / "out"
+    predict_images(run, test_images[:3], out, save_probabilities=True)
+    table = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    for path in test_images[:3]:
+        mask = read_mask(out / f"{path.stem}.png")
+        probs = np.load(out / f"{path.stem}_prob.npz")
+        if mode == "multiclass":
+            classes = np.asarray(Image.open(out / f"{path.stem}_classes.png"))
+            assert classes.shape == mask.shape and set(np.unique(classes)) <= {0, 1, 2}
+            np.testing.assert_array_equal(classes > 0, mask)
+            assert probs["classes"].shape == (*mask.shape, 3)
+        else:
+            assert not (out / f"{path.stem}_classes.png").exists()
+            assert probs["label"].shape == (3,) and probs["label"].sum() == pytest.approx(1.0, abs=1e-5)
+    if mode == "multitask":
+        assert set(table["label"]) <= {"normal", "benign", "malignant"} and (table["label"] != "").all()
+    else:
+        assert (table["label"] == "").all()
