@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import two_ranks
-from engine_testdata import tiny_config
+from engine_testdata import REPO, tiny_config
 from torch import nn
 
 from busbench.engine import checkpoint as ckpt
@@ -344,3 +345,28 @@ def test_accumulation_under_ddp_all_reduces_once_per_step(two_process_results):
         assert result["allreduce_calls"] == 2  # one bucket, two optimiser steps: not 4
         for got, want in zip(result["grads"], expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ bench/gpu.sh
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_passes(tmp_path):
+    """``bash bench/gpu.sh --dry-run``: the GPU check's whole script (data, both models, both settings, training,
+    testing, the agreement check, the results section) at toy size on the CPU, so a GPU's first run of it is not
+    its first run."""
+    results = tmp_path / "results.md"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        ["bash", "bench/gpu.sh", "--dry-run", "--results", str(results), "--workdir", str(tmp_path / "work")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    text = results.read_text()
+    assert text.startswith("# busbench benchmark results") and "\n## gpu\n" in text
+    rows = [line for line in text.splitlines() if line.startswith("| unet |") or line.startswith("| transunet |")]
+    assert len(rows) == 2 and all(row.endswith("| pass |") and "| bfloat16 |" in row for row in rows)
