@@ -24,8 +24,12 @@ What stays the same as a single-process run of the same config:
 * Validation is split into N contiguous blocks of the validation fold; the per-image rows are gathered in order,
   so ``val_per_image.csv``, the best epoch and early stopping are those of a single process (every rank receives
   the full table and takes the same decisions).
-* Only rank 0 writes files (checkpoints, logs, ``run.json``, ``done.json``, TensorBoard); the ranks meet at a
-  barrier before a fold starts and after it is finished. Resume reads the same ``checkpoint_last.pt`` on every rank.
+* Only rank 0 writes files (checkpoints, logs, ``run.json``, ``done.json``, TensorBoard, the data cache, which it
+  builds while the others wait); the ranks meet at a barrier before a fold starts and after it is finished. Resume
+  reads the same ``checkpoint_last.pt`` on every rank; it holds each rank's CUDA generator state, and each rank
+  restores its own.
+* With ``train.accumulate > 1`` the micro-batches before a step's last run under ``no_sync``
+  (:func:`gradient_sync`): one all-reduce per optimiser step. ``train.compile`` compiles the DDP-wrapped model.
 """
 
 from __future__ import annotations

@@ -30,6 +30,11 @@ Behaviour worth knowing:
   optimiser, scheduler, gradient scaler, RNG states, best score and early-stopping counter restored, and ends with
   the same weights as an uninterrupted run (on the CPU, bit for bit). ``--no-resume`` starts the folds over.
 * Early stopping counts validation rounds without a better validation Dice (``train.early_stopping``).
+* ``train.accumulate``: one optimiser step per that many batches, each batch's loss divided by the number of
+  batches in its step, so an epoch that ends with a shorter step still takes the mean of that step's batches.
+* Mixed precision (CUDA): ``train.amp=bf16`` on GPUs with native bfloat16, float16 with gradient scaling on older
+  ones (:func:`busbench.engine.inference.amp_dtype`); ``checkpoint_last.pt`` records the precision, and a
+  checkpoint resumed on a device of another precision resumes with a fresh gradient scaler and a warning.
 * A non-finite training loss stops the run with an error, keeping the last good checkpoint. Ctrl-C (or SIGTERM from
   a batch scheduler) stops at once: ``checkpoint_last.pt`` always holds the latest *finished* epoch (it is written
   atomically at every epoch end, so there is nothing half-written to save), ``run.json`` records the interruption,
