@@ -198,3 +198,51 @@ def test_state_round_trips_through_a_weights_only_checkpoint() -> None:
             assert torch.equal(restored["state"][k]["exp_avg"], original["state"][k]["exp_avg"])
     with pytest.raises(ModelError, match="discriminators"):
         AdversarialDeepSupervision().load_state_dict({})
+
+
+class _CountingScaler(torch.amp.GradScaler):
+    """A CPU gradient scaler that counts its calls."""
+
+    def __init__(self, init_scale: float) -> None:
+        super().__init__("cpu", init_scale=init_scale)
+        self.calls = {"scale": 0, "unscale_": 0, "step": 0, "update": 0}
+
+    def scale(self, outputs):
+        self.calls["scale"] += 1
+        return super().scale(outputs)
+
+    def unscale_(self, optimizer):
+        self.calls["unscale_"] += 1
+        return super().unscale_(optimizer)
+
+    def step(self, optimizer, *args, **kwargs):
+        self.calls["step"] += 1
+        return super().step(optimizer, *args, **kwargs)
+
+    def update(self, new_scale=None):
+        self.calls["update"] += 1
+        return super().update(new_scale)
+
+
+def test_float16_updates_go_through_the_gradient_scaler() -> None:
+    """Under float16 autocast both updates are scaled, clipped after unscaling, and skipped on overflow; the scale
+    is updated once per training step (CPU autocast and GradScaler('cpu') run the CUDA logic)."""
+    model = _tiny_model()
+    strategy = _strategy(grad_clip=1.0)
+    opts = strategy.build_optimizers(model)
+    batch = _disk_batch()
+
+    def fp16():
+        return torch.autocast("cpu", dtype=torch.float16)
+
+    overflow = _CountingScaler(init_scale=2.0**60)  # scaled float16 gradients overflow: both updates are skipped
+    g_before, d_before = _params(model), _params(strategy.discriminators)
+    strategy.training_step(model, batch, opts, scaler=overflow, autocast=fp16)
+    assert overflow.calls == {"scale": 2, "unscale_": 2, "step": 2, "update": 1}
+    assert not _changed(g_before, model) and not _changed(d_before, strategy.discriminators)
+    assert overflow.get_scale() == 2.0**59  # backed off once, after both updates
+
+    scaler = _CountingScaler(init_scale=2.0**8)
+    logs = strategy.training_step(model, batch, opts, scaler=scaler, autocast=fp16)
+    assert _changed(g_before, model) and _changed(d_before, strategy.discriminators)
+    assert scaler.get_scale() == 2.0**8 and all(torch.isfinite(v) for v in logs.values())
