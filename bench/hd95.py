@@ -19,25 +19,16 @@ Run from the repository root with busbench installed:  python bench/hd95.py [--p
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import math
-import os
-import platform
-import re
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
-import scipy
+from _common import heading, machine, write_section
 from scipy import ndimage
 
 from busbench import metrics
-from busbench.atomic import atomic_write_text
-
-RESULTS = Path(__file__).resolve().parent / "results.md"
-HEADER = "# busbench benchmark results\n\nEach section is written by the script named in its heading (`bench/<name>.py`).\n"
 
 
 def lesion_mask(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -169,19 +160,11 @@ def format_row(row: dict) -> str:
 
 
 def section(rows: list[dict], args: argparse.Namespace) -> str:
-    import medpy
-    import monai
-
     mean_area = ", ".join(f"{r['size']}²: {100 * r['gt_area']:.1f}%" for r in rows if r["mode"] == "pooled")
+    libraries = [("numpy", "numpy"), ("scipy", "scipy"), ("MONAI", "monai"), ("medpy", "medpy")]
     lines = [
-        "## hd95",
-        "",
-        f"`python bench/hd95.py --pairs {args.pairs} --rounds {args.rounds} --seed {args.seed}` — "
-        f"{dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        "",
-        f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-        f"Python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, "
-        f"MONAI {monai.__version__}, medpy {getattr(medpy, '__version__', '?')}.",
+        *heading("hd95"),
+        machine(libraries),
         "",
         "Lesion masks (ellipses and lobulated blobs, mean ground-truth area "
         f"{mean_area}) against perturbed predictions (shift, dilation/erosion, ragged margin, sometimes an islet). "
@@ -195,17 +178,6 @@ def section(rows: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    """Put ``text`` in place of the old ``## hd95`` section of results.md (or append it), keep everything else."""
-    current = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else HEADER
-    pattern = re.compile(r"^## hd95\n.*?(?=^## |\Z)", flags=re.DOTALL | re.MULTILINE)
-    if pattern.search(current):
-        updated = pattern.sub(lambda _: text + "\n", current, count=1)
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text
-    atomic_write_text(RESULTS, updated.rstrip("\n") + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
@@ -217,8 +189,7 @@ def main() -> None:
     print(TABLE_HEAD)
     rows = run(args.sizes, args.pairs, args.rounds, args.seed)
     if not args.no_write:
-        write_section(section(rows, args))
-        print(f"written to {RESULTS}")
+        write_section("hd95", section(rows, args))
 
 
 if __name__ == "__main__":

@@ -23,18 +23,14 @@ Run from the repository root with busbench installed:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
-import platform
-import re
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
+from _common import heading, machine, write_section
 
-from busbench.atomic import atomic_write_text
 from busbench.config import load_config
 from busbench.data.prepare import prepare
 from busbench.data.synth import synthesize
@@ -42,8 +38,6 @@ from busbench.engine import checkpoint as ckpt
 from busbench.engine.inference import resolve_device
 from busbench.engine.train import FoldTrainer, write_train_log
 
-RESULTS = Path(__file__).resolve().parent / "results.md"
-HEADER = "# busbench benchmark results\n\nEach section is written by the script named in its heading (`bench/<name>.py`).\n"
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"unext": 0.10, "unet": 0.03}
 
@@ -151,17 +145,9 @@ def measure(model: str, data: Path, out: Path, size: int, batch: int, rounds: in
 
 
 def section(rows: list[dict], args: argparse.Namespace) -> str:
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
-        "## overhead",
-        "",
-        f"`python bench/overhead.py --models {' '.join(args.models)} --size {args.size} --images {args.images} "
-        f"--batch {args.batch} --rounds {args.rounds}` — {stamp}",
-        "",
-        f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, device {rows[0]['device'] if rows else '?'} "
-        f"(1-min load average {load:.1f} at the end; other jobs sharing the CPUs add noise to both columns); "
-        f"Python {platform.python_version()}, torch {torch.__version__}.",
+        *heading("overhead"),
+        machine([("torch", "torch")], notes=f"device {rows[0]['device'] if rows else '?'}"),
         "",
         "One training epoch of fold 0 through `FoldTrainer.train_epoch` (cached synthetic BUSI-layout images, `bus` "
         "augmentation, default DataLoader workers) against a bare loop of forward + the same loss + backward + "
@@ -188,7 +174,7 @@ def section(rows: list[dict], args: argparse.Namespace) -> str:
         "Where the trainer could lose time per batch, and why it does not: the loss is summed on the device and read "
         "once per epoch (no per-step synchronisation), the NaN check runs on that sum, the learning-rate schedule is "
         "a closed-form factor, progress bars are off when the output is not a terminal, and images come from the "
-        "uint8 cache through worker processes that run ahead of the model. What remains is the workers' share of "
+        "uint8 cache through worker processes that run ahead of the model, as uint8, normalised on the device. What remains is the workers' share of "
         "the CPU (decoding cached arrays, augmenting) and the batch collation.",
     ]
     if rows and rows[0]["device"] == "cpu":
@@ -200,17 +186,6 @@ def section(rows: list[dict], args: argparse.Namespace) -> str:
     if args.notes:
         lines += ["", args.notes]
     return "\n".join(lines) + "\n"
-
-
-def write_section(text: str) -> None:
-    """Put ``text`` in place of the old ``## overhead`` section of results.md (or append it), keep the rest."""
-    current = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else HEADER
-    pattern = re.compile(r"^## overhead\n.*?(?=^## |\Z)", flags=re.DOTALL | re.MULTILINE)
-    if pattern.search(current):
-        updated = pattern.sub(lambda _: text + "\n", current, count=1)
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text
-    atomic_write_text(RESULTS, updated.rstrip("\n") + "\n")
 
 
 def main() -> None:
@@ -237,8 +212,7 @@ def main() -> None:
     text = section(rows, args)
     print(text)
     if not args.no_write:
-        write_section(text)
-        print(f"written to {RESULTS}")
+        write_section("overhead", text)
 
 
 if __name__ == "__main__":
