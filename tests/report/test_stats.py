@@ -228,3 +228,17 @@ def test_compare_refuses_mixed_settings(tmp_path: Path):
     )
     settings = pd.read_csv(tmp_path / "cmp" / "settings.csv")
     assert sorted(settings["image_size"]) == [224, 256]
+
+
+def test_compare_draws_the_critical_difference_diagram(tmp_path: Path):
+    rng = np.random.default_rng(6)
+    base = rng.uniform(0.5, 0.8, 16)
+    for shift, model in ((0.0, "a"), (0.05, "b"), (0.1, "c")):
+        write_run(tmp_path, "exp", ["busi", "busbra"], model, base + shift)
+    written = {p.name for p in compare([tmp_path], tmp_path / "cmp", n_boot=200)}
+    assert {"cd_diagram.png", "nemenyi.csv", "friedman.csv"} <= written
+    assert (tmp_path / "cmp" / "cd_diagram.png").read_bytes().startswith(b"\x89PNG")
+    friedman_row = pd.read_csv(tmp_path / "cmp" / "friedman.csv").iloc[0]
+    assert friedman_row["n_datasets"] == 2 and friedman_row["n_models"] == 3
+    ranks = pd.read_csv(tmp_path / "cmp" / "mean_rank.csv")
+    assert ranks["model"].tolist() == ["exp/c", "exp/b", "exp/a"]
