@@ -192,6 +192,19 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(
     assert _tree(data) == []
 
 
+def test_too_small_for_the_partition_is_one_clear_error(tmp_path: Path, capsys, folder_dataset) -> None:
+    dataset = folder_dataset(tmp_path / "export", n=9)  # 3 images per label, 5 patients
+    data = tmp_path / "data"
+    argv = ["prepare", "--layout", "folder", "--key", "clinic", "--dataset-dir", str(dataset), "--data-root",
+            str(data), "--folds", "2", "--quiet"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "clinic: the test split (--test-size 0.2) needs 5 stratified parts" in err
+    assert "(3 benign, 3 malignant, 3 normal); use --test-size 0.34" in err
+    assert _tree(data) == []
+
+
 def test_key_and_argument_rules(tmp_path: Path, capsys, folder_dataset) -> None:
     dataset = folder_dataset(tmp_path / "export", n=15)
     with pytest.raises(DataError, match=r"'busi' is already a registered dataset .*--key busi_local"):

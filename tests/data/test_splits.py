@@ -116,6 +116,27 @@ def test_too_few_groups_names_the_dataset_and_the_fix():
     assert (result.split == "test").sum() == 3  # one whole group of three images
 
 
+def test_labels_smaller_than_the_partition_are_one_clear_error():
+    # 9 images, 3 per label: a 0.2 test split needs 5 stratified parts, 5 folds need 5 images of some label
+    ids = [f"s{i}" for i in range(9)]
+    labels = ["normal", "benign", "malignant"] * 3
+    with pytest.raises(
+        DataError,
+        match=r"tiny: the test split \(--test-size 0.2\) needs 5 stratified parts, but every label has fewer images "
+        r"\(3 benign, 3 malignant, 3 normal\); use --test-size 0.34",
+    ):
+        assign_splits(ids, labels, ids, dataset="tiny")
+    with pytest.raises(
+        DataError, match=r"tiny: 5-fold cross-validation of the 6 dev images .*\(2 benign, 2 malignant, 2 normal\); "
+        r"use --folds 2",
+    ):
+        assign_splits(ids, labels, ids, test_size=0.34, dataset="tiny")
+    result = assign_splits(ids, labels, ids, test_size=0.34, folds=2, dataset="tiny")  # the advice works
+    assert sorted(set(result.fold.tolist())) == [-1, 0, 1] and (result.split == "test").sum() == 3
+    with pytest.raises(DataError, match=r"1 benign, 1 malignant, 1 normal\); add more images"):
+        assign_splits(ids[:3], labels[:3], ids[:3], folds=2, dataset="tiny")
+
+
 def test_rare_label_is_noted_not_fatal():
     ids, labels, groups = _dataset(60, 4, shares=(0.0, 0.6, 0.4))
     ids += ["rare_a", "rare_b"]

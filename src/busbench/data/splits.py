@@ -22,6 +22,7 @@ dataset on disk against it.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -101,6 +102,14 @@ def _sgkf(n_splits: int, seed: int, labels: np.ndarray, groups: np.ndarray) -> l
         return [np.asarray(val) for _, val in splitter.split(np.zeros(len(labels)), labels, codes)]
 
 
+def held_out_partition(n_groups: int, test_size: float) -> tuple[int, int]:
+    """(m, j) of :func:`_partition`, with m cut to the number of groups when there are fewer groups than parts."""
+    m, j = _partition(test_size)
+    if n_groups < m:
+        m, j = n_groups, max(1, min(round(test_size * n_groups), n_groups - 1))
+    return m, j
+
+
 def split_test(
     labels: np.ndarray, groups: np.ndarray, test_size: float, seed: int, candidates: int = TEST_CANDIDATES
 ) -> np.ndarray:
@@ -110,10 +119,7 @@ def split_test(
     every run of j consecutive parts; keeps the one whose test fraction and label shares are closest to the
     targets. Large datasets usually hit :data:`GOOD_ENOUGH` with the first partition and stop there.
     """
-    n_groups = len(np.unique(groups))
-    m, j = _partition(test_size)
-    if n_groups < m:
-        m, j = n_groups, max(1, min(round(test_size * n_groups), n_groups - 1))
+    m, j = held_out_partition(len(np.unique(groups)), test_size)
     seeds = np.random.default_rng(seed).integers(0, 2**31 - 1, size=candidates).tolist()
     best_mask: np.ndarray | None = None
     best_score = np.inf
@@ -138,6 +144,35 @@ def make_folds(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int) ->
     for k, val in enumerate(_sgkf(folds, seed, labels, groups)):
         fold[val] = k
     return fold
+
+
+def _label_counts(labels: np.ndarray) -> dict[str, int]:
+    values, counts = np.unique(labels, return_counts=True)
+    return {str(v): int(c) for v, c in zip(values, counts, strict=True)}
+
+
+def _check_stratifiable(labels: np.ndarray, parts: int, dataset: str, what: str, fix: str) -> None:
+    """DataError unless some label has at least ``parts`` images: stratified splitting into ``parts`` parts needs one.
+
+    scikit-learn's StratifiedGroupKFold refuses to split when every label has fewer images than parts; this says
+    so in busbench's terms before anything is written.
+    """
+    counts = _label_counts(labels)
+    if max(counts.values(), default=0) >= parts:
+        return
+    raise DataError(
+        f"{dataset}: {what} needs {parts} stratified parts, but every label has fewer images "
+        f"({_label_text(counts)}); {fix}"
+    )
+
+
+def _test_size_fix(n_groups: int, most: int) -> str:
+    """Advice for a test split whose partition has more parts than the largest label has images."""
+    for parts in range(most, 1, -1):
+        size = math.ceil(100 / parts) / 100
+        if held_out_partition(n_groups, size)[0] <= most:
+            return f"use --test-size {size:g} (split into {parts} parts) or add more images"
+    return "add more images (at least 2 of one label)"
 
 
 def _rare_label_notes(labels: np.ndarray, groups: np.ndarray, parts: int, dataset: str) -> list[str]:
@@ -191,6 +226,11 @@ def assign_splits(
             f"test split and {folds} folds, which need at least {folds + 1}; {fix}"
         )
     notes = _rare_label_notes(y, g, folds + 1, dataset)
+    parts = held_out_partition(n_groups, test_size)[0]
+    most = max(_label_counts(y).values())
+    _check_stratifiable(
+        y, parts, dataset, f"the test split (--test-size {test_size:g})", _test_size_fix(n_groups, most)
+    )
     is_test = split_test(y, g, test_size, seed)
     dev = ~is_test
     dev_groups = len(np.unique(g[dev]))
@@ -201,6 +241,12 @@ def assign_splits(
         )
     fold_sorted = np.full(n, -1, dtype=int)
     if official_folds is None:
+        most_dev = max(_label_counts(y[dev]).values())
+        fix = f"use --folds {most_dev}" if most_dev >= 2 else "use a smaller --test-size"
+        _check_stratifiable(
+            y[dev], folds, dataset, f"{folds}-fold cross-validation of the {int(dev.sum())} dev images",
+            f"{fix} or add more images",
+        )
         fold_sorted[dev] = make_folds(y[dev], g[dev], folds, seed)
     else:
         official = np.asarray(list(official_folds), dtype=object)[order]
