@@ -97,7 +97,7 @@ def run_config(data: Path, out: Path, model: str, variant: str, size: int, epoch
             f"output.root={out}",
             f"data.image_size={size}",
             "data.folds=2",
-            "data.num_workers=2",
+            f"data.num_workers={0 if size <= 64 else 2}",  # toy images: worker processes cost more than they save
             f"model.name={model}",
             "model.params={}",
             *extra,
