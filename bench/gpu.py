@@ -231,7 +231,11 @@ def section(rows: list[dict], command: str, device: torch.device, size: int, ima
         "(which includes the first epoch's compilation in the fast run), not validation.",
     ]
     if device.type != "cuda":
-        lines += ["", "CPU dry run: bfloat16 CPU autocast, channels_last, no compilation; the speeds mean nothing."]
+        lines += [
+            "",
+            "CPU dry run (bfloat16 CPU autocast, channels_last, no compilation): it shows that the script works; its "
+            "speeds mean nothing. `bash bench/gpu.sh` on a CUDA machine replaces this section with the GPU's figures.",
+        ]
     return "\n".join(lines) + "\n"
 
 
