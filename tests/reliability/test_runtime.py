@@ -139,6 +139,12 @@ from busbench.engine import train as train_mod
 
 mode, at, extra, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
 
+# A terminal's Ctrl-C reaches a foreground process, whose SIGINT handler is Python's default (KeyboardInterrupt). A
+# process started with SIGINT ignored (a background job of a non-interactive shell, nohup, some CI runners) inherits
+# the ignore, Python then installs no handler, and the Ctrl-C sent below would be lost: the run would finish with
+# status 0. Give the driver the disposition a terminal session has, whatever started the tests.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 def at_batch(action):
     real = train_mod.build_loss
     seen = [0]
@@ -152,8 +158,12 @@ def at_batch(action):
         return forward
     train_mod.build_loss = build
 
-if mode == "sigint":  # Ctrl-C as a terminal sends it, during training batch `at`
-    at_batch(lambda: os.kill(os.getpid(), signal.SIGINT))
+if mode == "sigint":  # Ctrl-C as a terminal sends it, during training batch `at`; the file `extra` records it
+    def interrupt():
+        with open(extra, "w") as fh:
+            fh.write(f"SIGINT at training batch {at}")
+        os.kill(os.getpid(), signal.SIGINT)
+    at_batch(interrupt)
 elif mode == "hold":  # hold the fold lock at training batch `at` until the file `extra` appears
     def hold():
         open(extra + ".waiting", "w").close()
@@ -189,14 +199,24 @@ sys.exit(cli.main(argv))
 """
 
 
-def driver(env: dict[str, str], mode: str, at: int, extra: Path | str, *args: object) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-c", DRIVER, mode, str(at), str(extra), *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+def driver(
+    env: dict[str, str], mode: str, at: int, extra: Path | str, *args: object, sigint_ignored: bool = False
+) -> subprocess.Popen:
+    """The driver as a child process; ``sigint_ignored`` starts it with SIGINT ignored, as a background job is (an
+    ignored disposition survives exec; it is set here around the start rather than in a ``preexec_fn``, which is
+    unsafe in a process that runs threads)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if sigint_ignored else None
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-c", DRIVER, mode, str(at), str(extra), *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+    finally:
+        if sigint_ignored:
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 
 # ------------------------------------------------------------------------------------------------ kills and Ctrl-C
@@ -236,8 +256,15 @@ def test_ctrl_c_stops_cleanly_exits_130_and_the_rerun_completes(prepared, refere
     out = tmp_path / "out"
     config = experiment_file(tmp_path, prepared, out)
     first_of_epoch_2 = batches_per_epoch(prepared) + 1
-    proc = driver(env, "sigint", first_of_epoch_2, "-", "train", "--config", config, "--fold", "0")
+    sent = tmp_path / "sigint_sent"
+    # started as a background job would be (SIGINT ignored): the outcome must not depend on how pytest was started
+    proc = driver(
+        env, "sigint", first_of_epoch_2, sent, "train", "--config", config, "--fold", "0", sigint_ignored=True
+    )
     _, err = proc.communicate(timeout=TIMEOUT)
+    assert sent.is_file(), (
+        f"the driver never reached training batch {first_of_epoch_2}, so no Ctrl-C was sent\n{err}"
+    )
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     lines = err.strip().splitlines()
