@@ -30,11 +30,7 @@ the dry run hands it bfloat16 autocast the way a GPU would (CPU autocast support
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
-import re
 import sys
 import tempfile
 import time
@@ -43,8 +39,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from _common import RESULTS, heading, machine, write_section
 
-from busbench.atomic import atomic_write_text
 from busbench.config import Config, load_config
 from busbench.data.loader import build_test_dataset, make_loader
 from busbench.data.prepare import prepare
@@ -56,8 +52,6 @@ from busbench.engine.evaluate import evaluate_run
 from busbench.engine.inference import amp_dtype
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results.md"
-HEADER = "# busbench benchmark results\n\nEach section is written by the script named in its heading (`bench/<name>.py`).\n"
 
 AGREEMENT = 0.98
 LOSS_RTOL = 0.05
@@ -184,26 +178,20 @@ def check_model(data: Path, out: Path, model: str, extra: list[str], size: int, 
     return {"model": model, "fp32": fp32, "fast": fast, **agree, "checks": checks}
 
 
-def machine(device: torch.device) -> str:
-    gpu = ""
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        gpu = f"{p.name} ({p.total_memory / 2**30:.0f} GiB, compute capability {p.major}.{p.minor}), CUDA {torch.version.cuda}; "
+def device_notes(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "no GPU (CPU dry run)"
+    p = torch.cuda.get_device_properties(device)
     return (
-        f"Machine: {platform.platform()}, {os.cpu_count()} CPUs; {gpu}Python {platform.python_version()}, "
-        f"torch {torch.__version__}."
+        f"{p.name} ({p.total_memory / 2**30:.0f} GiB, compute capability {p.major}.{p.minor}, CUDA "
+        f"{torch.version.cuda})"
     )
 
 
-def section(rows: list[dict], command: str, device: torch.device, size: int, images: int, epochs: int,
-            batch: int) -> str:
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+def section(rows: list[dict], device: torch.device, size: int, images: int, epochs: int, batch: int) -> str:
     lines = [
-        "## gpu",
-        "",
-        f"`{command}` — {stamp}",
-        "",
-        machine(device),
+        *heading("gpu"),
+        machine([("torch", "torch")], notes=device_notes(device)),
         "",
         f"{images} synthetic BUSI-layout images at {size} px (25 % test, the rest in 2 folds), {epochs} epoch(s), "
         f"batch {batch}, both folds trained and tested per run. 'fp32': train.amp=none; 'fast': train.amp=bf16, "
@@ -243,18 +231,6 @@ def _gb(value: float) -> str:
     return "–" if np.isnan(value) else f"{value:.2f}"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace the ``## gpu`` section of ``path`` (or append it); other sections stay as they are."""
-    current = path.read_text(encoding="utf-8") if path.exists() else HEADER
-    pattern = re.compile(r"^## gpu\n.*?(?=^## |\Z)", flags=re.DOTALL | re.MULTILINE)
-    updated = (
-        pattern.sub(lambda _: text + "\n", current, count=1)
-        if pattern.search(current)
-        else current.rstrip("\n") + "\n\n" + text
-    )
-    atomic_write_text(path, updated.rstrip("\n") + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="toy-size CPU run of the whole script")
@@ -280,12 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             check_model(data, work / "runs", name, extra, size, epochs, batch, device, args.dry_run)
             for name, extra in models.items()
         ]
-    command = "bash bench/gpu.sh" + (" --dry-run" if args.dry_run else "")
-    text = section(rows, command, device, size, images, epochs, batch)
+    text = section(rows, device, size, images, epochs, batch)
     print(text)
     if results is not None:
-        write_section(results, text)
-        print(f"written to {results}")
+        write_section("gpu", text, results)
     failed = [f"{r['model']}: {name}" for r in rows for name, ok in r["checks"].items() if not ok]
     if failed:
         print(f"FAILED: {'; '.join(failed)}", file=sys.stderr)
