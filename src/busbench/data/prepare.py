@@ -39,7 +39,7 @@ from tqdm import tqdm
 from busbench import __version__
 from busbench.atomic import atomic_write_bytes, atomic_write_text
 from busbench.data.adapters import LABELS, Adapter, RawSample, get_adapter
-from busbench.data.adapters.base import check_utf8_path
+from busbench.data.adapters.base import check_sample_id, check_utf8_path
 from busbench.data.duplicates import (
     Signature,
     find_duplicates,
@@ -71,7 +71,6 @@ from busbench.data.splits import (
 )
 from busbench.errors import DataError
 
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 MASK_SUFFIX = ".png"
 CLASS_SUFFIX = "_classes.png"
 PARALLEL_MIN = 32  # below this many samples a thread pool costs more than it saves
@@ -379,8 +378,7 @@ def _prepare_one(
         )
     seen: set[str] = set()
     for s in samples:
-        if not SAFE_ID.match(s.sample_id):
-            raise DataError(f"{s.image_path}: sample id {s.sample_id!r} is not usable as a file name")
+        check_sample_id(s.sample_id, s.image_path, "rename the file, or give the adapter other sample ids")
         if s.sample_id in seen:
             raise DataError(f"{s.image_path}: sample id {s.sample_id!r} occurs twice in {dataset_dir}")
         seen.add(s.sample_id)

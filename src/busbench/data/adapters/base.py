@@ -9,7 +9,7 @@ The contract, in three steps:
 - :meth:`Adapter.locate` finds the dataset's own folder below ``raw_root/<folder>``, through the nestings that
   real archives unpack to (``Dataset_BUSI_with_GT/``, ``BUS_UC/BUS_UC/``, ...).
 - :meth:`Adapter.scan` lists the samples from file names and metadata tables only (no pixel decoding), sorted by
-  ``sample_id``, and raises one :class:`~busbench.errors.DataError` for any inconsistency (an image without its
+  ``sample_id`` (adapters implement :meth:`Adapter.list_samples`, which scan sorts), and raises one :class:`~busbench.errors.DataError` for any inconsistency (an image without its
   mask, a metadata row without a file, a file without a row, an empty class folder, ...). Samples that an
   adapter option drops are reported in :attr:`Adapter.excluded`.
 - :meth:`Adapter.decode` reads one sample's image and mask(s) and applies the dataset's quirk rules, returning a
@@ -25,7 +25,7 @@ import inspect
 import io
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -78,6 +78,7 @@ class Adapter:
     labels: ClassVar[tuple[str, ...]] = LABELS  # labels the dataset can contain
     layout: ClassVar[str] = ""  # one-line description of the expected layout, quoted in error messages
     search_depth: ClassVar[int] = 4  # how many folder levels below raw_root/<folder> locate() looks
+    marks: ClassVar[tuple[str, ...]] = ()  # what the dataset's own folder holds: "name/" a folder, "name" a file
 
     def __init__(self) -> None:
         self.excluded: dict[str, str] = {}  # sample_id -> reason, filled by the last scan()
@@ -87,8 +88,10 @@ class Adapter:
         return {}
 
     def is_dataset_dir(self, path: Path) -> bool:
-        """Whether ``path`` looks like this dataset's own folder (used by :meth:`locate`)."""
-        raise NotImplementedError
+        """Whether ``path`` looks like this dataset's own folder (used by :meth:`locate`): it holds every mark."""
+        if not self.marks:
+            raise NotImplementedError(f"adapter {type(self).__name__} sets no marks and no is_dataset_dir")
+        return all((path / m).is_dir() if m.endswith("/") else (path / m).is_file() for m in self.marks)
 
     def locate(self, raw_root: Path) -> Path:
         """The dataset's own folder at or below ``raw_root/<folder>``, through real archive nestings.
@@ -110,7 +113,15 @@ class Adapter:
         return found
 
     def scan(self, dataset_dir: Path) -> list[RawSample]:
-        """All samples, sorted by ``sample_id``; raises DataError on any inconsistency."""
+        """All samples, sorted by ``sample_id``; raises DataError on any inconsistency.
+
+        Clears :attr:`excluded` and sorts what :meth:`list_samples` finds; adapters implement that method.
+        """
+        self.excluded = {}
+        return sorted(self.list_samples(Path(dataset_dir)), key=lambda s: s.sample_id)
+
+    def list_samples(self, dataset_dir: Path) -> list[RawSample]:
+        """The samples of the dataset folder, in any order, filling :attr:`excluded` with what options drop."""
         raise NotImplementedError
 
     def decode(self, sample: RawSample) -> DecodedSample:
@@ -396,6 +407,136 @@ def list_files(folder: Path, suffix: str | tuple[str, ...] = ".png") -> list[Pat
     for path in files:
         check_utf8_path(path, "file")
     return files
+
+
+# ------------------------------------------------------------------------------------ shared scan helpers
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+"""What a sample id may look like: it names derived mask files, so letters, digits, '.', '_', '-' only."""
+
+UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9._-]")
+"""A character a sample id may not hold."""
+
+
+def check_sample_id(sample_id: str, path: Path, fix: str) -> str:
+    """``sample_id`` when :data:`SAFE_ID` accepts it, else DataError naming ``path`` and ending with ``fix``."""
+    if not SAFE_ID.match(sample_id):
+        raise DataError(
+            f"{path}: sample id {sample_id!r} is not usable as a file name (letters, digits, '_', '.', '-' only, "
+            f"starting with a letter or digit); {fix}"
+        )
+    return sample_id
+
+
+def make_sample(
+    sample_id: str,
+    label: str,
+    image_path: Path,
+    mask_paths: Path | Sequence[Path],
+    *,
+    patient_id: str | None = None,
+    meta: Mapping[str, str] | None = None,
+    official_fold: int | None = None,
+) -> RawSample:
+    """A :class:`RawSample` with absolute paths; without ``patient_id`` the image is its own patient."""
+    masks = (mask_paths,) if isinstance(mask_paths, Path) else tuple(mask_paths)
+    return RawSample(
+        sample_id=sample_id,
+        label=label,
+        patient_id=sample_id if patient_id is None else patient_id,
+        image_path=image_path.resolve(),
+        mask_paths=tuple(p.resolve() for p in masks),
+        meta=dict(meta or {}),
+        official_fold=official_fold,
+    )
+
+
+def check_masks_have_images(
+    masks: Mapping[Any, Path], images: Container[Any], image_of: Callable[[Any], Path]
+) -> None:
+    """DataError for the first mask (in key order) whose key has no image; ``image_of(key)`` is the expected image."""
+    orphans = sorted(k for k in masks if k not in images)
+    if orphans:
+        raise DataError(
+            f"{masks[orphans[0]]}: mask without its image {image_of(orphans[0])}; restore the image or remove the mask"
+        )
+
+
+def check_images_have_masks(
+    images: Mapping[Any, Path],
+    masks: Container[Any],
+    mask_of: Callable[[Any], Path],
+    source: str = "the original archive",
+) -> None:
+    """DataError for the first image (in key order) whose key has no mask; ``mask_of(key)`` is the expected mask."""
+    lacking = sorted(k for k in images if k not in masks)
+    if lacking:
+        raise DataError(
+            f"{images[lacking[0]]}: image without its mask {mask_of(lacking[0])}; restore the mask from {source} or "
+            "remove the image"
+        )
+
+
+def check_pairs(
+    images: Mapping[Any, Path],
+    masks: Mapping[Any, Path],
+    image_of: Callable[[Any], Path],
+    mask_of: Callable[[Any], Path],
+    source: str = "the original archive",
+) -> None:
+    """Every mask has its image and every image its mask (matched by key), else one DataError naming the file."""
+    check_masks_have_images(masks, images, image_of)
+    check_images_have_masks(images, masks, mask_of, source)
+
+
+class MetadataTable:
+    """A dataset's metadata table (one row per image) and the checks every table-listed scan makes.
+
+    ``rows`` are the table's data rows, the header being row 1; ``unit`` is how messages count them ("line" for
+    CSV, "row" for a worksheet). An empty table is an error. Iterating gives ``(where, row)`` with ``where`` like
+    "line 7"; :meth:`add` records the image a row lists, :meth:`check_files` that its image and mask exist, and
+    :meth:`check_folder` that no file is left without a row.
+    """
+
+    def __init__(self, path: Path, rows: Sequence[Mapping[str, str]], unit: str = "line") -> None:
+        if not rows:
+            raise DataError(f"{path}: no rows; restore the original {path.name}")
+        self.path, self.rows, self.unit = path, rows, unit
+        self.listed: set[str] = set()
+
+    def __iter__(self) -> Iterator[tuple[str, Mapping[str, str]]]:
+        for number, row in enumerate(self.rows, start=2):
+            yield f"{self.unit} {number}", row
+
+    def add(self, name: str, where: str, what: str = "image") -> None:
+        """Record ``name`` as listed; DataError when an earlier row listed it too."""
+        if name in self.listed:
+            raise DataError(f"{self.path}: {what} {name} appears twice ({where}); remove the duplicate row")
+        self.listed.add(name)
+
+    def check_files(self, where: str, name: str, image_path: Path, mask_path: Path) -> None:
+        """DataError unless the image and the mask that the row at ``where`` lists both exist."""
+        if not image_path.is_file():
+            raise DataError(
+                f"{self.path}: {where} lists {name} but {image_path} does not exist; restore the image or use the "
+                f"{self.path.name} of the same release"
+            )
+        if not mask_path.is_file():
+            raise DataError(
+                f"{image_path}: image without its mask {mask_path}; restore the mask from the original archive"
+            )
+
+    def check_folder(
+        self, folder: Path, what: str = "file", by: str = "name", listed: Container[str] | None = None
+    ) -> None:
+        """DataError for the first file in ``folder`` whose ``by`` ("name" or "stem") is not listed."""
+        listed = self.listed if listed is None else listed
+        for path in list_files(folder):
+            if getattr(path, by) not in listed:
+                raise DataError(
+                    f"{path}: {what} without a row in {self.path}; add its row or move the {what} out of "
+                    f"{folder.name}/"
+                )
 
 
 ADAPTERS: dict[str, type[Adapter]] = {}

@@ -12,7 +12,6 @@ Sample ids are ``<label>_<stem>`` (``benign_012``): stems like ``01`` and ``010`
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from busbench.data import layouts as L
@@ -20,13 +19,14 @@ from busbench.data.adapters.base import (
     Adapter,
     DecodedSample,
     RawSample,
+    check_pairs,
+    check_sample_id,
     decode_binary,
     list_files,
+    make_sample,
     register_adapter,
 )
 from busbench.errors import DataError
-
-_SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 @register_adapter
@@ -35,13 +35,9 @@ class BusUcAdapter(Adapter):
     folder = "BUS_UC"
     labels = ("benign", "malignant")
     layout = "Benign/{images,masks}/ and Malignant/{images,masks}/ with the mask under its image's file name"
+    marks = tuple(f"{cls}/" for cls in L.BUS_UC_CLASSES)
 
-    def is_dataset_dir(self, path: Path) -> bool:
-        return all((path / cls).is_dir() for cls in L.BUS_UC_CLASSES)
-
-    def scan(self, dataset_dir: Path) -> list[RawSample]:
-        dataset_dir = Path(dataset_dir)
-        self.excluded = {}
+    def list_samples(self, dataset_dir: Path) -> list[RawSample]:
         samples: list[RawSample] = []
         for folder_name, label in L.BUS_UC_CLASSES.items():
             images_dir = dataset_dir / folder_name / "images"
@@ -55,36 +51,19 @@ class BusUcAdapter(Adapter):
             images = list_files(images_dir)
             if not images:
                 raise DataError(f"bus_uc: {images_dir} holds no PNG images; re-extract the BUS-UC archive")
-            image_names = {p.name for p in images}
-            for mask in list_files(masks_dir):
-                if mask.name not in image_names:
-                    raise DataError(
-                        f"{mask}: mask without its image {images_dir / mask.name}; restore the image or remove the mask"
-                    )
+            masks = {p.name: p for p in list_files(masks_dir)}
+            check_pairs(
+                {p.name: p for p in images},
+                masks,
+                lambda name, images_dir=images_dir: images_dir / name,
+                lambda name, masks_dir=masks_dir: masks_dir / name,
+            )
             for image in images:
-                mask = masks_dir / image.name
-                if not mask.is_file():
-                    raise DataError(
-                        f"{image}: image without its mask {mask}; restore the mask from the original archive or "
-                        "remove the image"
-                    )
-                if not _SAFE.match(image.stem):
-                    raise DataError(
-                        f"{image}: file name has characters other than letters, digits, '_', '.', '-'; rename the "
-                        "image and its mask alike"
-                    )
-                sample_id = f"{label}_{image.stem}"
-                samples.append(
-                    RawSample(
-                        sample_id=sample_id,
-                        label=label,
-                        patient_id=sample_id,
-                        image_path=image.resolve(),
-                        mask_paths=(mask.resolve(),),
-                        meta={},
-                    )
+                sample_id = check_sample_id(
+                    f"{label}_{image.stem}", image, "rename the image and its mask alike"
                 )
-        return sorted(samples, key=lambda s: s.sample_id)
+                samples.append(make_sample(sample_id, label, image, masks[image.name]))
+        return samples
 
     def decode(self, sample: RawSample) -> DecodedSample:
         return decode_binary(sample, size_quirk="BUS-UC mirrors have a 1-px image/mask size mismatch")

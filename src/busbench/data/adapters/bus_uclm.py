@@ -38,10 +38,11 @@ from busbench.data import layouts as L
 from busbench.data.adapters.base import (
     Adapter,
     DecodedSample,
+    MetadataTable,
     RawSample,
     fit_to_image,
     image_size,
-    list_files,
+    make_sample,
     open_image,
     read_image,
     read_table,
@@ -95,6 +96,7 @@ class BusUclmAdapter(Adapter):
     key = "bus_uclm"
     folder = "BUS-UCLM"
     layout = "images/PPPP_NNN.png, masks/PPPP_NNN.png and INFO.csv (the BUS-UCLM/ folder inside the archive)"
+    marks = ("images/", L.UCLM_INFO)
 
     def __init__(
         self,
@@ -128,33 +130,23 @@ class BusUclmAdapter(Adapter):
             "hesn_rule": self.hesn_rule,
         }
 
-    def is_dataset_dir(self, path: Path) -> bool:
-        return (path / "images").is_dir() and (path / L.UCLM_INFO).is_file()
-
-    def scan(self, dataset_dir: Path) -> list[RawSample]:
-        dataset_dir = Path(dataset_dir)
-        self.excluded = {}
+    def list_samples(self, dataset_dir: Path) -> list[RawSample]:
         self.relabelled = {}
         info = dataset_dir / L.UCLM_INFO
         required = L.UCLM_REQUIRED + tuple(flag for flag, on in self.exclude.items() if on)
-        rows = read_table(info, ";", required)
-        if not rows:
-            raise DataError(f"{info}: no rows; restore the original INFO.csv")
+        table = MetadataTable(info, read_table(info, ";", required))
         images_dir, masks_dir = dataset_dir / "images", dataset_dir / "masks"
         samples: list[RawSample] = []
-        seen: set[str] = set()
-        for line, row in enumerate(rows, start=2):
+        for where, row in table:
             name = row["Image"]
             match = L.UCLM_NAME_RE.match(name)
             if match is None:
-                raise DataError(f"{info}: line {line} names {name!r}, not 'PPPP_NNN.png'; fix the row")
-            if name in seen:
-                raise DataError(f"{info}: {name} appears twice (line {line}); remove the duplicate row")
-            seen.add(name)
+                raise DataError(f"{info}: {where} names {name!r}, not 'PPPP_NNN.png'; fix the row")
+            table.add(name, where)
             label = L.UCLM_LABELS.get(row["Label"].capitalize())
             if label is None:
                 raise DataError(
-                    f"{info}: line {line} ({name}) has Label {row['Label']!r}, not Normal/Benign/Malignant; fix the row"
+                    f"{info}: {where} ({name}) has Label {row['Label']!r}, not Normal/Benign/Malignant; fix the row"
                 )
             meta = {}
             for flag in L.UCLM_FLAGS:
@@ -163,21 +155,13 @@ class BusUclmAdapter(Adapter):
                 value = _YES_NO.get(row[flag].lower())
                 if value is None:
                     raise DataError(
-                        f"{info}: line {line} ({name}) has {flag} {row[flag]!r}, not Yes/No; fix the row"
+                        f"{info}: {where} ({name}) has {flag} {row[flag]!r}, not Yes/No; fix the row"
                     )
                 meta[flag] = value
             if "Resolution" in row:
                 meta["Resolution"] = row["Resolution"]
             image_path, mask_path = images_dir / name, masks_dir / name
-            if not image_path.is_file():
-                raise DataError(
-                    f"{info}: line {line} lists {name} but {image_path} does not exist; restore the image or use the "
-                    "INFO.csv of the same release"
-                )
-            if not mask_path.is_file():
-                raise DataError(
-                    f"{image_path}: image without its mask {mask_path}; restore the mask from the archive"
-                )
+            table.check_files(where, name, image_path, mask_path)
             sample_id = name[: -len(".png")]
             flagged = [flag for flag, on in self.exclude.items() if on and meta.get(flag) == "Yes"]
             if flagged:
@@ -196,24 +180,15 @@ class BusUclmAdapter(Adapter):
                 self.relabelled[sample_id] = (label, by_mask)
                 label = by_mask
             samples.append(
-                RawSample(
-                    sample_id=sample_id,
-                    label=label,
-                    patient_id=match["patient"],
-                    image_path=image_path.resolve(),
-                    mask_paths=(mask_path.resolve(),),
-                    meta=meta,
-                )
+                make_sample(sample_id, label, image_path, mask_path, patient_id=match["patient"], meta=meta)
             )
         for folder in (images_dir, masks_dir):
-            for path in list_files(folder):
-                if path.name not in seen:
-                    raise DataError(f"{path}: file without a row in {info}; add its row or move the file out")
+            table.check_folder(folder)
         if not samples:
             raise DataError(
                 f"bus_uclm: every row of {info} was excluded by the options {self.options()}; relax them"
             )
-        return sorted(samples, key=lambda s: s.sample_id)
+        return samples
 
     def decode(self, sample: RawSample) -> DecodedSample:
         image, notes = read_image(sample.image_path)

@@ -18,15 +18,17 @@ Rules:
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from busbench.data import layouts as L
 from busbench.data.adapters.base import (
     Adapter,
     DecodedSample,
+    MetadataTable,
     RawSample,
     decode_binary,
-    list_files,
+    make_sample,
     read_table,
     register_adapter,
 )
@@ -63,84 +65,47 @@ class BusbraAdapter(Adapter):
     folder = "BUSBRA"
     labels = ("benign", "malignant")
     layout = "Images/bus_NNNN-s.png, Masks/mask_NNNN-s.png and bus_data.csv (the unpacked BUSBRA/ folder)"
+    marks = ("Images/", L.BUSBRA_DATA_CSV)
 
-    def is_dataset_dir(self, path: Path) -> bool:
-        return (path / "Images").is_dir() and (path / L.BUSBRA_DATA_CSV).is_file()
-
-    def scan(self, dataset_dir: Path) -> list[RawSample]:
-        dataset_dir = Path(dataset_dir)
-        self.excluded = {}
+    def list_samples(self, dataset_dir: Path) -> list[RawSample]:
         table = dataset_dir / L.BUSBRA_DATA_CSV
-        rows = read_table(table, ",", L.BUSBRA_REQUIRED)
-        if not rows:
-            raise DataError(f"{table}: no rows; restore the original bus_data.csv")
+        rows = MetadataTable(table, read_table(table, ",", L.BUSBRA_REQUIRED))
         images_dir, masks_dir = dataset_dir / "Images", dataset_dir / "Masks"
         samples: list[RawSample] = []
-        seen: set[str] = set()
-        for line, row in enumerate(rows, start=2):
+        for where, row in rows:
             sample_id = row["ID"]
             match = L.BUSBRA_ID_RE.match(sample_id)
             if match is None:
                 raise DataError(
-                    f"{table}: line {line} has ID {sample_id!r}, not 'bus_NNNN-l|r|s'; fix the row"
+                    f"{table}: {where} has ID {sample_id!r}, not 'bus_NNNN-l|r|s'; fix the row"
                 )
-            if sample_id in seen:
-                raise DataError(
-                    f"{table}: ID {sample_id} appears twice (line {line}); remove the duplicate row"
-                )
-            seen.add(sample_id)
+            rows.add(sample_id, where, "ID")
             case = row["Case"]
             if not case.isdigit() or int(case) != int(match["case"]):
                 raise DataError(
-                    f"{table}: line {line} ({sample_id}) has Case {case!r}, but the ID says {int(match['case'])}; "
+                    f"{table}: {where} ({sample_id}) has Case {case!r}, but the ID says {int(match['case'])}; "
                     "restore the original file"
                 )
             label = row["Pathology"].lower()
             if label not in self.labels:
                 raise DataError(
-                    f"{table}: line {line} ({sample_id}) has Pathology {row['Pathology']!r}, not benign/malignant; "
+                    f"{table}: {where} ({sample_id}) has Pathology {row['Pathology']!r}, not benign/malignant; "
                     "fix the row"
                 )
             image_path = images_dir / f"{sample_id}.png"
             mask_path = masks_dir / L.busbra_mask_name(sample_id)
-            if not image_path.is_file():
-                raise DataError(
-                    f"{table}: line {line} lists {sample_id} but {image_path} does not exist; restore the image or "
-                    "use the bus_data.csv of the same release"
-                )
-            if not mask_path.is_file():
-                raise DataError(
-                    f"{image_path}: image without its mask {mask_path}; restore the mask from the original archive"
-                )
+            rows.check_files(where, sample_id, image_path, mask_path)
+            meta = {k: row[k] for k in META_COLUMNS if k in row}
             samples.append(
-                RawSample(
-                    sample_id=sample_id,
-                    label=label,
-                    patient_id=f"{int(case):04d}",
-                    image_path=image_path.resolve(),
-                    mask_paths=(mask_path.resolve(),),
-                    meta={k: row[k] for k in META_COLUMNS if k in row},
-                )
+                make_sample(sample_id, label, image_path, mask_path, patient_id=f"{int(case):04d}", meta=meta)
             )
-        for path in list_files(images_dir):
-            if path.stem not in seen:
-                raise DataError(
-                    f"{path}: image without a row in {table}; add its row or move the image out of Images/"
-                )
-        expected_masks = {L.busbra_mask_name(s) for s in seen}
-        for path in list_files(masks_dir):
-            if path.name not in expected_masks:
-                raise DataError(f"{path}: mask without a row in {table}; move it out of Masks/")
+        rows.check_folder(images_dir, "image", by="stem")
+        rows.check_folder(masks_dir, "mask", listed={L.busbra_mask_name(s) for s in rows.listed})
         fold_file = dataset_dir / L.BUSBRA_FOLD_FILES[5]
         if fold_file.is_file():
-            folds = _read_official_folds(fold_file, seen)
-            samples = [
-                RawSample(
-                    s.sample_id, s.label, s.patient_id, s.image_path, s.mask_paths, s.meta, folds[s.sample_id]
-                )
-                for s in samples
-            ]
-        return sorted(samples, key=lambda s: s.sample_id)
+            folds = _read_official_folds(fold_file, rows.listed)
+            samples = [dataclasses.replace(s, official_fold=folds[s.sample_id]) for s in samples]
+        return samples
 
     def decode(self, sample: RawSample) -> DecodedSample:
         decoded = decode_binary(sample)

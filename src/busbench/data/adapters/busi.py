@@ -25,8 +25,11 @@ from busbench.data.adapters.base import (
     Adapter,
     DecodedSample,
     RawSample,
+    check_images_have_masks,
+    check_masks_have_images,
     decode_binary,
     list_files,
+    make_sample,
     register_adapter,
 )
 from busbench.errors import DataError
@@ -76,29 +79,25 @@ def scan_busi_folder(dataset_dir: Path, key: str = "busi") -> list[RawSample]:
                 )
         if not images:
             raise DataError(f"{key}: class folder {folder} holds no images; re-extract Dataset_BUSI.zip")
-        for n, mask_files in sorted(masks.items()):
-            if n not in images:
-                first = mask_files[min(mask_files)]
-                raise DataError(
-                    f"{first}: mask without its image {folder / L.busi_image_name(cls, n)}; restore the image "
-                    "or remove the mask"
-                )
+        check_masks_have_images(
+            {n: files[min(files)] for n, files in masks.items()},
+            images,
+            lambda n, cls=cls, folder=folder: folder / L.busi_image_name(cls, n),
+        )
+        check_images_have_masks(
+            images,
+            {n for n, files in masks.items() if 0 in files},
+            lambda n, cls=cls, folder=folder: folder / L.busi_mask_name(cls, n),
+        )
         for n, image_path in sorted(images.items()):
-            mask_files = masks.get(n, {})
-            if 0 not in mask_files:
-                raise DataError(
-                    f"{image_path}: image without its mask {folder / L.busi_mask_name(cls, n)}; restore the mask "
-                    "from the original archive or remove the image"
-                )
-            sample_id = L.busi_sample_id(cls, n)
+            files = masks[n]
             samples.append(
-                RawSample(
-                    sample_id=sample_id,
-                    label=cls,
-                    patient_id=sample_id,
-                    image_path=image_path.resolve(),
-                    mask_paths=tuple(mask_files[k].resolve() for k in sorted(mask_files)),
-                    meta={"mask_files": str(len(mask_files))},
+                make_sample(
+                    L.busi_sample_id(cls, n),
+                    cls,
+                    image_path,
+                    [files[k] for k in sorted(files)],
+                    meta={"mask_files": str(len(files))},
                 )
             )
     return sorted(samples, key=lambda s: s.sample_id)
@@ -121,9 +120,8 @@ class BusiAdapter(Adapter):
     def is_dataset_dir(self, path: Path) -> bool:
         return is_busi_dir(path)
 
-    def scan(self, dataset_dir: Path) -> list[RawSample]:
-        self.excluded = {}
-        return scan_busi_folder(Path(dataset_dir), self.key)
+    def list_samples(self, dataset_dir: Path) -> list[RawSample]:
+        return scan_busi_folder(dataset_dir, self.key)
 
     def decode(self, sample: RawSample) -> DecodedSample:
         return decode_binary(sample)

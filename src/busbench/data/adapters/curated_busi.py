@@ -31,9 +31,11 @@ from busbench.data.adapters.base import (
     Adapter,
     DecodedSample,
     RawSample,
+    check_pairs,
     decode_binary,
     find_dataset_dir,
     list_files,
+    make_sample,
     read_table,
     register_adapter,
 )
@@ -106,30 +108,23 @@ def scan_zenodo(dataset_dir: Path) -> list[RawSample]:
         raise DataError(
             f"curated_busi: {dataset_dir / 'images'} holds no images; re-extract the Curated BUSI release"
         )
-    for key, mask_path in sorted(masks.items()):
-        if key not in images:
-            raise DataError(
-                f"{mask_path}: mask without its image {dataset_dir / 'images' / L.curated_image_name(*key)}; "
-                "restore the image or remove the mask"
-            )
-    samples = []
-    for (cls, n), image_path in sorted(images.items()):
-        if (cls, n) not in masks:
-            raise DataError(
-                f"{image_path}: image without its mask {dataset_dir / 'masks' / L.curated_mask_name(cls, n)}; "
-                "restore the mask from the release or remove the image"
-            )
-        sample_id = L.busi_sample_id(cls, n)
-        samples.append(
-            RawSample(
-                sample_id=sample_id,
-                label=cls,
-                patient_id=sample_id,
-                image_path=image_path.resolve(),
-                mask_paths=(masks[cls, n].resolve(),),
-                meta={"busi_image": L.busi_image_name(cls, n)},
-            )
+    check_pairs(
+        images,
+        masks,
+        lambda key: dataset_dir / "images" / L.curated_image_name(*key),
+        lambda key: dataset_dir / "masks" / L.curated_mask_name(*key),
+        source="the release",
+    )
+    samples = [
+        make_sample(
+            L.busi_sample_id(cls, n),
+            cls,
+            image_path,
+            masks[cls, n],
+            meta={"busi_image": L.busi_image_name(cls, n)},
         )
+        for (cls, n), image_path in sorted(images.items())
+    ]
     return sorted(samples, key=lambda s: s.sample_id)
 
 
@@ -178,9 +173,7 @@ class CuratedBusiAdapter(Adapter):
             f"BUSI download in {raw_root / BusiAdapter.folder} (Dataset_BUSI_with_GT/{{benign,malignant,normal}}/)"
         )
 
-    def scan(self, dataset_dir: Path) -> list[RawSample]:
-        dataset_dir = Path(dataset_dir)
-        self.excluded = {}
+    def list_samples(self, dataset_dir: Path) -> list[RawSample]:
         if is_zenodo_dir(dataset_dir) and self.source in ("auto", "zenodo"):
             return scan_zenodo(dataset_dir)
         if is_busi_dir(dataset_dir) and self.source in ("auto", "busi"):

@@ -39,6 +39,7 @@ from busbench.data import layouts as L
 from busbench.data.adapters.base import (
     CLASS_VALUES,
     LABELS,
+    UNSAFE_CHAR,
     Adapter,
     DecodedSample,
     RawSample,
@@ -52,7 +53,6 @@ from busbench.data.adapters.base import (
 )
 from busbench.errors import DataError
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _LOSSY = (".jpg", ".jpeg")
 _META_FIX = "correct meta.csv (comma-separated UTF-8 with columns sample_id, patient_id, label)"
 _CONVENTION = "0 background, 255 lesion (class from meta.csv label), or a class map 0/1 benign/2 malignant"
@@ -65,7 +65,7 @@ def _examples(items: list[str], n: int = 3) -> str:
 
 def sample_id_of(stem: str) -> str:
     """The sample id of an image file stem: unsafe characters as ``_``; a leading '.', '_' or '-' gets ``s``."""
-    sid = _UNSAFE.sub("_", stem)
+    sid = UNSAFE_CHAR.sub("_", stem)
     return sid if sid[:1].isalnum() else "s" + sid
 
 
@@ -183,7 +183,7 @@ class FolderAdapter(Adapter):
 
     # -------------------------------------------------------------------------------------------------- scan
 
-    def scan(self, dataset_dir: Path) -> list[RawSample]:
+    def list_samples(self, dataset_dir: Path) -> list[RawSample]:
         image_dir, mask_dir = dataset_dir / L.FOLDER_IMAGE_DIR, dataset_dir / L.FOLDER_MASK_DIR
         images = self._by_stem(list_files(image_dir, L.FOLDER_IMAGE_SUFFIXES), "image")
         masks = self._by_stem(list_files(mask_dir, L.FOLDER_MASK_SUFFIXES + _LOSSY), "mask")

@@ -23,9 +23,10 @@ from busbench.data import layouts as L
 from busbench.data.adapters.base import (
     Adapter,
     DecodedSample,
+    MetadataTable,
     RawSample,
     decode_binary,
-    list_files,
+    make_sample,
     register_adapter,
 )
 from busbench.errors import DataError
@@ -86,65 +87,34 @@ class Yap2018Adapter(Adapter):
     folder = "Yap2018"
     labels = ("benign", "malignant")
     layout = "original/NNNNNN.png, GT/NNNNNN.png and DatasetB.xlsx (the BUS/ folder of the release)"
+    marks = (f"{L.YAP_IMAGE_DIR}/", f"{L.YAP_MASK_DIR}/")
 
-    def is_dataset_dir(self, path: Path) -> bool:
-        return (path / L.YAP_IMAGE_DIR).is_dir() and (path / L.YAP_MASK_DIR).is_dir()
-
-    def scan(self, dataset_dir: Path) -> list[RawSample]:
-        dataset_dir = Path(dataset_dir)
-        self.excluded = {}
+    def list_samples(self, dataset_dir: Path) -> list[RawSample]:
         workbook = dataset_dir / L.YAP_XLSX
-        rows = read_sheet(workbook)
-        if not rows:
-            raise DataError(f"{workbook}: no data rows; restore the original DatasetB.xlsx")
+        table = MetadataTable(workbook, read_sheet(workbook), unit="row")
         images_dir, masks_dir = dataset_dir / L.YAP_IMAGE_DIR, dataset_dir / L.YAP_MASK_DIR
         samples: list[RawSample] = []
-        seen: set[str] = set()
-        for line, row in enumerate(rows, start=2):
+        for where, row in table:
             value = row["Image"]
             if not value.isdigit() or len(value) > 6:
                 raise DataError(
-                    f"{workbook}: row {line} has Image {value!r}, not a number of up to 6 digits; fix it"
+                    f"{workbook}: {where} has Image {value!r}, not a number of up to 6 digits; fix it"
                 )
             sample_id = value.zfill(6)
-            if sample_id in seen:
-                raise DataError(
-                    f"{workbook}: image {sample_id} appears twice (row {line}); remove the duplicate row"
-                )
-            seen.add(sample_id)
+            table.add(sample_id, where)
             label = row["Type"].lower()
             if label not in self.labels:
                 raise DataError(
-                    f"{workbook}: row {line} ({sample_id}) has Type {row['Type']!r}, not Benign/Malignant; fix it"
+                    f"{workbook}: {where} ({sample_id}) has Type {row['Type']!r}, not Benign/Malignant; fix it"
                 )
             image_path = images_dir / f"{sample_id}.png"
             mask_path = masks_dir / f"{sample_id}.png"
-            if not image_path.is_file():
-                raise DataError(
-                    f"{workbook}: row {line} lists {sample_id} but {image_path} does not exist; restore the image"
-                )
-            if not mask_path.is_file():
-                raise DataError(
-                    f"{image_path}: image without its mask {mask_path}; restore GT/{sample_id}.png"
-                )
+            table.check_files(where, sample_id, image_path, mask_path)
             meta = {"Diagnosis": row["Diagnosis"]} if "Diagnosis" in row else {}
-            samples.append(
-                RawSample(
-                    sample_id=sample_id,
-                    label=label,
-                    patient_id=sample_id,
-                    image_path=image_path.resolve(),
-                    mask_paths=(mask_path.resolve(),),
-                    meta=meta,
-                )
-            )
+            samples.append(make_sample(sample_id, label, image_path, mask_path, meta=meta))
         for folder in (images_dir, masks_dir):
-            for path in list_files(folder):
-                if path.stem not in seen:
-                    raise DataError(
-                        f"{path}: file without a row in {workbook}; add its row or move the file out"
-                    )
-        return sorted(samples, key=lambda s: s.sample_id)
+            table.check_folder(folder, by="stem")
+        return samples
 
     def decode(self, sample: RawSample) -> DecodedSample:
         return decode_binary(sample)
