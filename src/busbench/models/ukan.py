@@ -25,6 +25,7 @@ width must be multiples of 32.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -35,6 +36,13 @@ from busbench.errors import ModelError
 from busbench.models.base import SegModel
 from busbench.models.blocks import check_widths
 from busbench.models.registry import register_model
+from busbench.models.tokenised import (
+    TokenisedDecoderBlock,
+    TokenisedStage,
+    to_image,
+    to_tokens,
+    tokenised_unet,
+)
 
 
 def bspline_basis(x: Tensor, knots: Tensor, order: int) -> Tensor:
@@ -97,7 +105,7 @@ class DepthwiseBNReLU(nn.Module):
         self.norm = nn.BatchNorm2d(dim)
 
     def forward(self, tokens: Tensor, h: int, w: int) -> Tensor:
-        return _to_tokens(F.relu(self.norm(self.conv(_to_image(tokens, h, w)))))
+        return to_tokens(F.relu(self.norm(self.conv(to_image(tokens, h, w)))))
 
 
 class TokenizedKANBlock(nn.Module):
@@ -114,43 +122,6 @@ class TokenizedKANBlock(nn.Module):
         for kan, dwconv in zip(self.kans, self.dwconvs, strict=True):
             y = dwconv(kan(y), h, w)
         return tokens + y
-
-
-def _to_image(tokens: Tensor, h: int, w: int) -> Tensor:
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
-
-
-def _to_tokens(x: Tensor) -> Tensor:
-    return x.flatten(2).transpose(1, 2)
-
-
-class KANStage(nn.Module):
-    """Encoder stage: overlapping patch embedding (3x3, stride 2) + LN, tokenised KAN block, LN; image in and out."""
-
-    def __init__(self, in_channels: int, dim: int, grid_size: int, spline_order: int) -> None:
-        super().__init__()
-        self.embed = nn.Conv2d(in_channels, dim, 3, stride=2, padding=1)
-        self.embed_norm = nn.LayerNorm(dim)
-        self.block = TokenizedKANBlock(dim, grid_size, spline_order)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.embed(x)
-        h, w = x.shape[-2:]
-        return _to_image(self.norm(self.block(self.embed_norm(_to_tokens(x)), h, w)), h, w)
-
-
-class KANDecoderBlock(nn.Module):
-    """Tokenised KAN block + LN applied to a decoder feature map."""
-
-    def __init__(self, dim: int, grid_size: int, spline_order: int) -> None:
-        super().__init__()
-        self.block = TokenizedKANBlock(dim, grid_size, spline_order)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2:]
-        return _to_image(self.norm(self.block(_to_tokens(x), h, w)), h, w)
 
 
 def _double_conv(in_channels: int, mid_channels: int, out_channels: int) -> nn.Sequential:
@@ -200,8 +171,9 @@ class UKAN(SegModel):
         self.conv_stages = nn.ModuleList(
             [nn.Sequential(_double_conv(conv[i], conv[i + 1], conv[i + 1]), nn.MaxPool2d(2)) for i in range(3)]
         )
-        self.kan_stage = KANStage(e0, e1, grid_size, spline_order)
-        self.bottleneck = KANStage(e1, e2, grid_size, spline_order)
+        kan_block = functools.partial(TokenizedKANBlock, grid_size=grid_size, spline_order=spline_order)
+        self.kan_stage = TokenisedStage(e0, e1, kan_block)
+        self.bottleneck = TokenisedStage(e1, e2, kan_block)
         self.bottleneck_channels = e2
         # decoder, deepest first: e2->e1, e1->e0, e0->e0/4, e0/4->e0/8, e0/8->e0/8
         self.up = nn.ModuleList(
@@ -214,7 +186,7 @@ class UKAN(SegModel):
             ]
         )
         self.dec_kan = nn.ModuleList(
-            [KANDecoderBlock(e1, grid_size, spline_order), KANDecoderBlock(e0, grid_size, spline_order)]
+            [TokenisedDecoderBlock(e1, kan_block), TokenisedDecoderBlock(e0, kan_block)]
         )
         self.head = nn.Conv2d(e0 // 8, num_classes, 1)
 
@@ -223,19 +195,7 @@ class UKAN(SegModel):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
-        skips = []
-        for stage in self.conv_stages:
-            x = stage(x)
-            skips.append(x)
-        x = self.kan_stage(x)
-        skips.append(x)
-        x = self.bottleneck(x)
-        for k, up in enumerate(self.up):
-            x = up(x)
-            if k < len(skips):
-                x = x + skips[-1 - k]
-            if k < len(self.dec_kan):
-                x = self.dec_kan[k](x)
+        x = tokenised_unet(x, self.conv_stages, self.kan_stage, self.bottleneck, self.up, self.dec_kan)
         return self.head(x)
 
 

@@ -23,6 +23,13 @@ from torch import Tensor, nn
 from busbench.models.base import SegModel
 from busbench.models.blocks import check_widths
 from busbench.models.registry import register_model
+from busbench.models.tokenised import (
+    TokenisedDecoderBlock,
+    TokenisedStage,
+    to_image,
+    to_tokens,
+    tokenised_unet,
+)
 
 SHIFTS = (-2, -1, 0, 1, 2)
 
@@ -61,49 +68,11 @@ class ShiftedMLP(nn.Module):
 
     def forward(self, tokens: Tensor, h: int, w: int) -> Tensor:
         y = self.norm(tokens)
-        y = _to_tokens(shift_groups(_to_image(y, h, w), dim=3))  # shift along the width
+        y = to_tokens(shift_groups(to_image(y, h, w), dim=3))  # shift along the width
         y = self.fc1(y)
-        y = self.act(self.dwconv(_to_image(y, h, w)))
-        y = _to_tokens(shift_groups(y, dim=2))  # shift along the height
+        y = self.act(self.dwconv(to_image(y, h, w)))
+        y = to_tokens(shift_groups(y, dim=2))  # shift along the height
         return tokens + self.fc2(y)
-
-
-def _to_image(tokens: Tensor, h: int, w: int) -> Tensor:
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
-
-
-def _to_tokens(x: Tensor) -> Tensor:
-    return x.flatten(2).transpose(1, 2)
-
-
-class TokenizedStage(nn.Module):
-    """Encoder stage: overlapping patch embedding (3x3, stride 2) + LN, shifted MLP, LN; image in, image out."""
-
-    def __init__(self, in_channels: int, dim: int) -> None:
-        super().__init__()
-        self.embed = nn.Conv2d(in_channels, dim, 3, stride=2, padding=1)
-        self.embed_norm = nn.LayerNorm(dim)
-        self.block = ShiftedMLP(dim)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.embed(x)
-        h, w = x.shape[-2:]
-        tokens = self.norm(self.block(self.embed_norm(_to_tokens(x)), h, w))
-        return _to_image(tokens, h, w)
-
-
-class TokenizedDecoderBlock(nn.Module):
-    """Shifted MLP + LN applied to a decoder feature map."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.block = ShiftedMLP(dim)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2:]
-        return _to_image(self.norm(self.block(_to_tokens(x), h, w)), h, w)
 
 
 class UpStage(nn.Module):
@@ -139,15 +108,17 @@ class UNeXt(SegModel):
                 for i in range(3)
             ]
         )
-        self.tok_stage = TokenizedStage(w[2], w[3])
-        self.bottleneck = TokenizedStage(w[3], w[4])
+        self.tok_stage = TokenisedStage(w[2], w[3], ShiftedMLP)
+        self.bottleneck = TokenisedStage(w[3], w[4], ShiftedMLP)
         self.bottleneck_channels = w[4]
         # decoder, deepest first: 4->3, 3->2, 2->1, 1->0, 0->0 (the last without BN)
         self.up = nn.ModuleList(
             [UpStage(w[4], w[3]), UpStage(w[3], w[2]), UpStage(w[2], w[1]), UpStage(w[1], w[0])]
             + [UpStage(w[0], w[0], norm=False)]
         )
-        self.dec_tok = nn.ModuleList([TokenizedDecoderBlock(w[3]), TokenizedDecoderBlock(w[2])])
+        self.dec_tok = nn.ModuleList(
+            [TokenisedDecoderBlock(w[3], ShiftedMLP), TokenisedDecoderBlock(w[2], ShiftedMLP)]
+        )
         self.head = nn.Conv2d(w[0], num_classes, 1)
 
     def encoder_modules(self) -> list[nn.Module]:
@@ -155,19 +126,7 @@ class UNeXt(SegModel):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
-        skips = []
-        for stage in self.conv_stages:
-            x = stage(x)
-            skips.append(x)
-        x = self.tok_stage(x)
-        skips.append(x)
-        x = self.bottleneck(x)
-        for k, up in enumerate(self.up):
-            x = up(x)
-            if k < len(skips):
-                x = x + skips[-1 - k]
-            if k < len(self.dec_tok):
-                x = self.dec_tok[k](x)
+        x = tokenised_unet(x, self.conv_stages, self.tok_stage, self.bottleneck, self.up, self.dec_tok)
         return self.head(x)
 
 
