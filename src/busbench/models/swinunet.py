@@ -93,7 +93,16 @@ class ChannelsFirst(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
+@register_model(
+    "swinunet",
+    paper="Cao et al. 2022, Swin-Unet: Unet-like Pure Transformer for Medical Image Segmentation",
+    input_sizes="multiple of 32; only the built image_size (exact 7x7 windows at multiples of 224)",
+    pretrained=True,
+)
 class SwinUNet(SegModel):
+    """Swin-Unet; ``weights`` (``pretrained``: the ImageNet-1k Swin-T, see :func:`busbench.models.weights.load_published`;
+    a file path; or a timm tag) is loaded into the Swin encoder, the checkpoint's classifier ignored."""
+
     size_multiple = SIZE_MULTIPLE
 
     def __init__(
@@ -101,6 +110,7 @@ class SwinUNet(SegModel):
         in_channels: int,
         num_classes: int,
         image_size: int,
+        weights: str | None = None,
         embed_dim: int = 96,
         encoder_depths: Sequence[int] = (2, 2, 2, 2),
         decoder_depths: Sequence[int] = (2, 2, 2),
@@ -156,6 +166,10 @@ class SwinUNet(SegModel):
         self.decoder_norm = nn.LayerNorm(embed_dim)
         self.final_expand = PatchExpand(embed_dim, embed_dim, scale=PATCH)
         self.head = nn.Conv2d(embed_dim, num_classes, 1)
+        if weights == PRETRAINED:
+            load_published("swinunet", self.encoder, in_channels, ignore=IGNORED)
+        elif weights:
+            load_pretrained(self.encoder, weights, in_channels, ignore=IGNORED)
 
     def encoder_modules(self) -> list[nn.Module]:
         return [self.encoder]
@@ -173,42 +187,3 @@ class SwinUNet(SegModel):
             x = stage(x, skip)
         x = self.final_expand(self.decoder_norm(x))
         return self.head(x.permute(0, 3, 1, 2))
-
-
-@register_model(
-    "swinunet",
-    paper="Cao et al. 2022, Swin-Unet: Unet-like Pure Transformer for Medical Image Segmentation",
-    input_sizes="multiple of 32; only the built image_size (exact 7x7 windows at multiples of 224)",
-    pretrained=True,
-)
-def build_swinunet(
-    in_channels: int,
-    num_classes: int,
-    image_size: int,
-    weights: str | None = None,
-    embed_dim: int = 96,
-    encoder_depths: Sequence[int] = (2, 2, 2, 2),
-    decoder_depths: Sequence[int] = (2, 2, 2),
-    num_heads: Sequence[int] = (3, 6, 12, 24),
-    window_size: int = 7,
-    drop_path_rate: float = 0.1,
-) -> SwinUNet:
-    """Build Swin-Unet; ``weights`` (``pretrained``: the ImageNet-1k Swin-T, see
-    :func:`busbench.models.weights.load_published`; a file path; or a timm tag) is loaded into the Swin encoder,
-    the checkpoint's classifier ignored."""
-    model = SwinUNet(
-        in_channels,
-        num_classes,
-        image_size,
-        embed_dim=embed_dim,
-        encoder_depths=encoder_depths,
-        decoder_depths=decoder_depths,
-        num_heads=num_heads,
-        window_size=window_size,
-        drop_path_rate=drop_path_rate,
-    )
-    if weights == PRETRAINED:
-        load_published("swinunet", model.encoder, in_channels, ignore=IGNORED)
-    elif weights:
-        load_pretrained(model.encoder, weights, in_channels, ignore=IGNORED)
-    return model
