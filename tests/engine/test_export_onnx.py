@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from engine_testdata import tiny_config
 
 from busbench import cli
@@ -18,9 +19,10 @@ from busbench.config import load_config
 from busbench.data.decode import read_image, read_mask, square_image
 from busbench.data.geometry import geometry_for, restore
 from busbench.engine import tasks
-from busbench.engine.export_onnx import TOLERANCE, ProbabilityGraph, parity, to_onnx
+from busbench.engine.export_onnx import TOLERANCE, ProbabilityGraph, export_onnx, parity, to_onnx
 from busbench.engine.predict import predict_images
 from busbench.engine.train import train
+from busbench.errors import ModelError
 from busbench.models import create_model
 
 ort = pytest.importorskip("onnxruntime", reason="ONNX export needs the onnx extra: pip install 'busbench[onnx]'")
@@ -37,6 +39,7 @@ CNN_ZOO = {
     "cmunext": {"widths": (4, 8, 16, 24, 32), "depths": (1, 1, 1, 2, 1)},
     "skunet": {"base_width": 4},
     "unet_ds": {"base_width": 4},
+    "smp_unet": {"encoder": "resnet18"},
 }
 
 
@@ -80,7 +83,7 @@ def image_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         from busbench.data.synth import synthesize
 
         folder = tmp_path_factory.mktemp("onnx_images")
-        synthesize("busbra", folder / "BUSBRA", n=8, seed=3)
+        synthesize("busbra", folder / "BUSBRA", n=20, seed=3)
         files = sorted(p for p in folder.rglob("*.png") if "mask" not in p.name.lower())[:8]
     return files
 
@@ -113,3 +116,11 @@ def test_multiclass_ensemble_parity(image_files):
     images = _inputs(image_files[:3], 32)
     report = parity(to_onnx(graph, images[:1]), graph, images)
     assert set(report) == {"lesion", "classes"} and max(report.values()) <= TOLERANCE
+
+
+def test_maskrcnn_is_refused_with_the_reason(run_dir, tmp_path):
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["model"] = {"name": "maskrcnn", "params": {}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ModelError, match="cannot be exported to ONNX: tracing freezes"):
+        export_onnx(tmp_path)
