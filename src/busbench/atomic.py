@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,3 +81,29 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
     """Write ``text`` to ``path`` atomically (newline translation off, so bytes are exact)."""
     atomic_write_bytes(path, text.encode(encoding))
+
+
+def staging_dir(target: str | os.PathLike) -> Path:
+    """A new empty hidden folder beside ``target`` to build its next version in (see :func:`replace_dir`)."""
+    target = Path(target)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+
+
+def replace_dir(staged: Path, target: str | os.PathLike) -> None:
+    """Put the finished folder ``staged`` (from :func:`staging_dir`) in ``target``'s place.
+
+    ``staged`` gets the permissions of an ordinary mkdir (mkdtemp makes 0700 folders). An existing ``target`` is
+    moved aside and removed only after ``staged`` took its place, so ``target`` is at every moment either the old
+    or the new folder, never a mixture.
+    """
+    target = Path(target)
+    umask = os.umask(0)
+    os.umask(umask)
+    staged.chmod(0o777 & ~umask)
+    if not target.exists():
+        os.replace(staged, target)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    os.replace(target, trash / target.name)
+    os.replace(staged, target)
+    shutil.rmtree(trash)

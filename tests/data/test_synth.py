@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 import zipfile
 from pathlib import Path
@@ -425,6 +426,9 @@ def test_refuses_non_empty_out_and_overwrites_on_request(tmp_path):
     after = _tree_bytes(out)
     assert before != after and len(list(out.rglob("*).png"))) == 17
     assert [p.name for p in tmp_path.iterdir()] == ["BUSI"]  # no temporary folders left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # an ordinary folder, not mkdtemp's 0700
 
 
 def test_failure_leaves_nothing(tmp_path, monkeypatch):

@@ -33,6 +33,7 @@ from busbench.atomic import atomic_write_bytes
 from busbench.data.manifest import (
     PATH_COLUMNS,
     DataRoots,
+    add_root_arguments,
     join_inside,
     manifest_sha256,
     read_manifest,
@@ -570,24 +571,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "datasets", nargs="+", metavar="KEY", help="dataset key(s), or path(s) to manifest CSVs"
     )
-    parser.add_argument(
-        "--data-root",
-        type=Path,
-        default=None,
-        help="folder holding raw/, derived/ and manifests/ (default: $BUSBENCH_DATA or data)",
-    )
-    parser.add_argument(
-        "--raw-root",
-        type=Path,
-        default=None,
-        help="raw data folder (default: as recorded by prepare, else <data-root>/raw)",
-    )
-    parser.add_argument(
-        "--derived-root",
-        type=Path,
-        default=None,
-        help="derived mask folder (default: as recorded by prepare, else <data-root>/derived)",
-    )
+    add_root_arguments(parser, fallback="as recorded by prepare, else ")
     parser.add_argument(
         "--manifests",
         type=Path,

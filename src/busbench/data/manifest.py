@@ -9,6 +9,7 @@ SHA-256 of those bytes, stored in the summary JSON, identifies a split.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import hashlib
@@ -78,6 +79,24 @@ class DataRoots:
             derived_root=Path(derived_root) if derived_root is not None else base / "derived",
             manifest_dir=Path(manifest_dir) if manifest_dir is not None else base / "manifests",
         )
+
+
+def add_root_arguments(parser: argparse.ArgumentParser, fallback: str = "") -> None:
+    """The ``--data-root``, ``--raw-root`` and ``--derived-root`` options of the data commands (see :class:`DataRoots`).
+
+    ``fallback`` is said before the under-the-data-root default (audit: "as recorded by prepare, else ").
+    """
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="folder holding raw/, derived/ and manifests/ (default: $BUSBENCH_DATA or data)",
+    )
+    for flag, what, folder in (
+        ("--raw-root", "folder holding the unpacked datasets", "raw"),
+        ("--derived-root", "folder of the derived masks", "derived"),
+    ):
+        parser.add_argument(flag, type=Path, default=None, help=f"{what} (default: {fallback}<data-root>/{folder})")
 
 
 def library_versions() -> dict[str, str]:

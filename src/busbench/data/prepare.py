@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -37,7 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from busbench import __version__
-from busbench.atomic import atomic_write_bytes, atomic_write_text
+from busbench.atomic import atomic_write_bytes, atomic_write_text, replace_dir, staging_dir
 from busbench.data.adapters import LABELS, Adapter, RawSample, get_adapter
 from busbench.data.adapters.base import check_sample_id, check_utf8_path
 from busbench.data.duplicates import (
@@ -50,6 +49,7 @@ from busbench.data.duplicates import (
 )
 from busbench.data.manifest import (
     DataRoots,
+    add_root_arguments,
     library_versions,
     manifest_bytes,
     relative_posix,
@@ -591,19 +591,13 @@ def _write(prepared: Sequence[PreparedDataset], roots: DataRoots) -> list[Path]:
     try:
         roots.derived_root.mkdir(parents=True, exist_ok=True)
         for item in prepared:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{item.key}.", dir=roots.derived_root))
-            staged.append((tmp, roots.derived_root / item.key))
+            final = roots.derived_root / item.key
+            tmp = staging_dir(final)
+            staged.append((tmp, final))
             for name, data in sorted(item.derived.items()):
                 (tmp / name).write_bytes(data)
         for tmp, final in staged:
-            _normal_permissions(tmp)
-            if final.exists():
-                trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=roots.derived_root))
-                os.replace(final, trash / final.name)
-                os.replace(tmp, final)
-                shutil.rmtree(trash)
-            else:
-                os.replace(tmp, final)
+            replace_dir(tmp, final)
     except BaseException:
         for tmp, _ in staged:
             if tmp.exists():
@@ -618,13 +612,6 @@ def _write(prepared: Sequence[PreparedDataset], roots: DataRoots) -> list[Path]:
         atomic_write_text(manifest.with_suffix(".json"), summaries[item.key])
         paths.append(manifest)
     return paths
-
-
-def _normal_permissions(folder: Path) -> None:
-    """mkdtemp makes 0700 folders; give the derived folder the permissions of an ordinary mkdir."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
 
 
 def prepare(
@@ -789,24 +776,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="with --layout: the folder holding images/ and masks/ (default: <raw-root>/<key>)",
     )
-    parser.add_argument(
-        "--data-root",
-        type=Path,
-        default=None,
-        help="folder holding raw/, derived/ and manifests/ (default: $BUSBENCH_DATA or data)",
-    )
-    parser.add_argument(
-        "--raw-root",
-        type=Path,
-        default=None,
-        help="folder holding the unpacked datasets (default: <data-root>/raw)",
-    )
-    parser.add_argument(
-        "--derived-root",
-        type=Path,
-        default=None,
-        help="folder for derived masks (default: <data-root>/derived)",
-    )
+    add_root_arguments(parser)
     parser.add_argument(
         "--out",
         type=Path,

@@ -29,10 +29,8 @@ import csv
 import difflib
 import io
 import math
-import os
 import re
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from busbench.atomic import replace_dir, staging_dir
 from busbench.data import layouts as L
 from busbench.errors import ConfigError, DataError
 
@@ -741,29 +740,15 @@ def synthesize(layout: str, out: Path, n: int = 30, seed: int = 0, overwrite: bo
             f"{out} already holds files; choose an empty or new --out, or pass --overwrite to replace it"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         dataset_dir = _WRITERS[layout](tmp, np.random.default_rng(seed), n)
         relative = dataset_dir.relative_to(tmp)
-        _normalise_permissions(tmp)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(trash)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return out / relative
-
-
-def _normalise_permissions(tree: Path) -> None:
-    """mkdtemp makes a 0700 folder; give the tree ordinary permissions so it reads like an unpacked archive."""
-    umask = os.umask(0)
-    os.umask(umask)
-    tree.chmod(0o777 & ~umask)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
