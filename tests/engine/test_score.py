@@ -22,6 +22,7 @@ from busbench.engine.score import score_predictions
 from busbench.engine.train import train
 from busbench.errors import DataError
 from busbench.report.aggregate import aggregate
+from busbench.report.plots import dice_distribution
 
 METRICS = ["dice", "iou", "hd95", "precision", "recall", "specificity", "penalised", "pred_empty", "gt_empty"]
 
@@ -84,6 +85,8 @@ def test_scored_folder_joins_aggregate_and_compare(setup, tmp_path):
     assert oracle["n_folds"] == 1 and oracle["ensemble_dice"] == 1.0 and oracle["dice_mean"] == 1.0
     status = cli.main(["compare", str(setup["out"] / "demo"), "--out", str(tmp_path / "stats")])
     assert status == 0 and any((tmp_path / "stats").iterdir())
+    # the Dice-distribution figure finds the scored folder although it has no config.yaml
+    assert dice_distribution([summary.parent], tmp_path / "dice.png").is_file()
 
 
 def test_refusals_list_the_files(setup, tmp_path):

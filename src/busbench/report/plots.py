@@ -70,7 +70,9 @@ def learning_curves(run_dir: Path, out: Path) -> Path:
 def dice_distribution(dirs: list[Path], out: Path, source: str = "ensemble") -> Path:
     """Box plot of per-image test Dice per model (one panel per dataset), with the individual images."""
     frames = []
-    for run in _model_dirs(dirs):
+    # trained runs, and result folders without a config (busbench score: another tool's masks)
+    scored = {p.parent.parent for d in dirs if Path(d).is_dir() for p in Path(d).rglob(f"test/{source}_per_image.csv")}
+    for run in sorted({*_model_dirs(dirs), *scored}):
         path = run / "test" / f"{source}_per_image.csv"
         if path.is_file():
             df = pd.read_csv(path)
