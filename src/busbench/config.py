@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -29,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from busbench import plugins
 from busbench.atomic import atomic_write_text
-from busbench.errors import ConfigError
+from busbench.errors import BusbenchError, ConfigError
 
 BUILTIN_DATASET_KEYS = ("busi", "curated_busi", "busbra", "bus_uc", "bus_uclm", "yap2018")
 """Keys of the datasets busbench ships adapters for. Configs accept these, the keys of plugin adapters and every
@@ -183,13 +184,51 @@ class Config(_Section):
 # Loading and composition
 
 
+def read_mapping_file(
+    path: str | os.PathLike,
+    parse: Callable[[str, Path], Any],
+    error: type[BusbenchError],
+    *,
+    missing: str,
+    not_text: str,
+    not_mapping: str,
+) -> dict[str, Any]:
+    """The mapping a UTF-8 text file holds (a YAML config, a JSON summary), or one ``error`` saying what is wrong.
+
+    ``parse(text, path)`` turns the text into data and raises ``error`` itself for bad syntax. ``missing``,
+    ``not_text`` and ``not_mapping`` are the messages for a file that is absent, not UTF-8, or holds something else
+    than a mapping (``{kind}`` in ``not_mapping`` is replaced by the type found).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise error(not_text) from None
+    data = parse(text, path)
+    if not isinstance(data, dict):
+        raise error(not_mapping.format(kind=type(data).__name__))
+    return data
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML mapping with ``safe_load``; errors name the file."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; check the path (configs live under configs/)")
+    return read_mapping_file(
+        path,
+        _parse_yaml,
+        ConfigError,
+        missing=f"config file {path} does not exist; check the path (configs live under configs/)",
+        not_text=f"{path} is not a UTF-8 text file; a config must be YAML text",
+        not_mapping=f"{path} must hold a YAML mapping of sections (experiment:, data:, ...), got {{kind}}",
+    )
+
+
+def _parse_yaml(text: str, path: str | os.PathLike) -> Any:
+    """``yaml.safe_load`` of a config's text ({} when empty), with one ConfigError naming ``path`` for bad YAML."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.reader.ReaderError as exc:
         # a character YAML refuses (NUL, control characters: binary data or UTF-16 text); one line, not PyYAML's two
         char = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
@@ -202,15 +241,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not a UTF-8 text file; a config must be YAML text") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path} must hold a YAML mapping of sections (experiment:, data:, ...), got {type(data).__name__}"
-        )
-    return data
+    return {} if data is None else data
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 
 from busbench.atomic import atomic_write_bytes, atomic_write_text
+from busbench.config import read_mapping_file
 from busbench.data.adapters.base import LABELS
 from busbench.errors import DataError
 
@@ -274,15 +275,21 @@ def write_summary(path: str | os.PathLike, summary: Mapping[str, Any]) -> None:
 def read_summary(path: str | os.PathLike) -> dict[str, Any]:
     """Summary JSON; DataError naming the file when it is missing or not JSON."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"summary {path} not found; run busbench prepare for this dataset")
+    return read_mapping_file(
+        path,
+        _parse_json,
+        DataError,
+        missing=f"summary {path} not found; run busbench prepare for this dataset",
+        not_text=f"summary {path} is not UTF-8 text; re-run busbench prepare",
+        not_mapping=f"summary {path} does not hold a JSON object; re-run busbench prepare",
+    )
+
+
+def _parse_json(text: str, path: str | os.PathLike) -> Any:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
         raise DataError(f"summary {path} is not valid JSON ({exc}); re-run busbench prepare") from exc
-    if not isinstance(data, dict):
-        raise DataError(f"summary {path} does not hold a JSON object; re-run busbench prepare")
-    return data
 
 
 # ---------------------------------------------------------------------------------------------------- reading
