@@ -119,6 +119,10 @@ def check_multiclass_run(cfg: Config, original: bool = False) -> None:
                     labels = predicted_classes(torch.log(p), cfg.eval.threshold)[0].numpy()
                     lesion = (lesion_probability(torch.log(p))[0, 0] >= cfg.eval.threshold).numpy()
                     assert np.array_equal(labels > 0, lesion)
+                    # at network resolution only the letterbox content is scored
+                    g = ds.letterbox_info(i)
+                    box = (slice(g.pad_top, g.pad_top + g.content_hw[0]), slice(g.pad_left, g.pad_left + g.content_hw[1]))
+                    gt, labels = gt[box], labels[box]
                 expected = per_class(labels, gt, 3, class_names=CLASS_NAMES)
                 got = tables[name].loc[sid]
                 for key in (

@@ -54,6 +54,7 @@ LEADERBOARD_COLUMNS = [
     "train_data",
     "dataset",
     "model",
+    "tag",
     "n_folds",
     "n_test",
     *[f"{c}_{s}" for c in SCORE_COLUMNS for s in ("mean", "std")],
@@ -61,11 +62,26 @@ LEADERBOARD_COLUMNS = [
     "params_m",
     "gmacs",
     "train_seconds",
+    "image_size",
+    "resolution",
+    "hd95_mode",
+    "tta",
+    "threshold",
+    "selection_threshold",
     "manifest_sha256",
     "run",
 ]
 # what must not depend on how often the sweep was started (timings and folders may)
-SCORES = ["dataset", "model", "n_folds", "n_test", *LEADERBOARD_COLUMNS[6:-5], "params_m", "gmacs"]
+SCORES = [
+    "dataset",
+    "model",
+    "n_folds",
+    "n_test",
+    *[f"{c}_{s}" for c in SCORE_COLUMNS for s in ("mean", "std")],
+    *[f"ensemble_{c}" for c in SCORE_COLUMNS],
+    "params_m",
+    "gmacs",
+]
 
 
 @pytest.fixture(scope="module")

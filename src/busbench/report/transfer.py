@@ -65,11 +65,11 @@ def find_runs(dirs: list[Path]) -> list[Path]:
 
 def _init_dataset(cfg: Config) -> str:
     """The training data of the run ``train.init_from`` points at ('' when it cannot be told)."""
-    source = Path(str(cfg.train.init_from))
-    for folder in (source, source.parent, source.parent.parent):
-        if (folder / CONFIG).is_file():
-            return "+".join(config_from_file(folder / CONFIG).data.datasets)
-    return ""
+    try:
+        folder = leakage.source_run(str(cfg.train.init_from))
+    except DataError:
+        return ""
+    return "+".join(config_from_file(folder / CONFIG).data.datasets)
 
 
 def _rows_of(summary: Path, cfg: Config, run_dir: Path) -> list[dict[str, object]]:
