@@ -60,11 +60,16 @@ class PooledUNet(SegModel):
     """U-shaped models whose encoder is ``encoder`` stages joined by ``pool``, then ``bottleneck``.
 
     Subclasses set ``encoder`` (a ``ModuleList``, shallowest first), ``pool`` and ``bottleneck``, optionally a
-    ``stem`` run before the first stage, and for :meth:`decode` the lists ``up`` and ``decoder`` (deepest first).
+    ``stem`` run before the first stage, for :meth:`decode` the lists ``up`` and ``decoder`` (deepest first), and
+    ``head``, the 1x1 convolution :meth:`forward` applies to the last decoder stage's output.
     """
 
     encoder: nn.ModuleList
     pool: nn.Module
+    #: attributes holding the decoder stages and the optional skip gates that :meth:`forward` hands to :meth:`decode`
+    #: (named per model, as its checkpoints' state_dict keys are)
+    decoder_attr: str = "decoder"
+    gates_attr: str | None = None
 
     def encoder_modules(self) -> list[nn.Module]:
         stem = getattr(self, "stem", None)
@@ -101,3 +106,9 @@ class PooledUNet(SegModel):
             x = dec(torch.cat((skip, x), dim=1))
             outputs.append(x)
         return outputs
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        x, skips = self.encode(x)
+        gates = getattr(self, self.gates_attr) if self.gates_attr else None
+        return self.head(self.decode(x, skips, getattr(self, self.decoder_attr), gates)[-1])

@@ -149,6 +149,7 @@ class SkipFusion(nn.Sequential):
 
 class CMUNeXt(PooledUNet):
     size_multiple = 16
+    decoder_attr = "fusion"
 
     def __init__(
         self,
@@ -174,11 +175,6 @@ class CMUNeXt(PooledUNet):
         self.up = nn.ModuleList([UpConv(w[i + 1], w[i], mode="bilinear") for i in reversed(range(4))])
         self.fusion = nn.ModuleList([SkipFusion(2 * w[i], w[i]) for i in reversed(range(4))])
         self.head = nn.Conv2d(w[0], num_classes, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        self._check(x)
-        x, skips = self.encode(x)
-        return self.head(self.decode(x, skips, decoder=self.fusion)[-1])
 
 
 @register_model(

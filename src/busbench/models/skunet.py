@@ -92,11 +92,6 @@ class SKUNet(PooledUNet):
         )
         self.head = nn.Conv2d(w[0], num_classes, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._check(x)
-        x, skips = self.encode(x)
-        return self.head(self.decode(x, skips)[-1])
-
 
 @register_model(
     "skunet",

@@ -84,6 +84,7 @@ class UNet(PooledUNet):
     """U-Net with optional attention gates on the skips (``attention=True`` gives Attention U-Net)."""
 
     size_multiple = 16
+    gates_attr = "gates"
 
     def __init__(
         self,
@@ -114,11 +115,6 @@ class UNet(PooledUNet):
         )
         self.decoder = nn.ModuleList([_stage(2 * w[i], w[i], p[i]) for i in reversed(range(4))])
         self.head = nn.Conv2d(w[0], num_classes, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        self._check(x)
-        x, skips = self.encode(x)
-        return self.head(self.decode(x, skips, gates=self.gates)[-1])
 
 
 @register_model(
