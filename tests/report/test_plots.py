@@ -159,23 +159,17 @@ def tested_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("overlay_run")
     synthesize("busi", root / "data" / "raw" / "BUSI", n=24, seed=5)
     prepare(["busi"], data_root=root / "data", folds=2, test_size=0.3, seed=42, progress=False)
-    cfg = load_config(
-        DEMO,
-        [
-            f"data.data_root={root / 'data'}",
-            f"output.root={root / 'results'}",
-            "data.image_size=32",
-            "data.folds=2",
-            "model.params.base_width=4",
-            "train.epochs=3",
-            "train.batch_size=4",
-            "output.tensorboard=false",
-        ],
-    )
+    return train_and_test(root / "data", root / "results", "train.epochs=3")
+
+
+def train_and_test(data_root: Path, out: Path, *overrides: str) -> Path:
+    """Train a tiny demo run (32 px, width 4, 2 folds) with ``overrides``, test it, return its folder."""
+    sets = [f"data.data_root={data_root}", f"output.root={out}", "data.image_size=32", "data.folds=2"]
+    sets += ["model.params.base_width=4", "train.batch_size=4", "output.tensorboard=false", *overrides]
+    cfg = load_config(DEMO, sets)
     train(cfg)
-    run = cfg.run_dir()
-    evaluate_run(run)
-    return run
+    evaluate_run(cfg.run_dir())
+    return cfg.run_dir()
 
 
 def test_pick_ranks():
@@ -246,23 +240,7 @@ def test_overlays_need_a_tested_run(tmp_path: Path, capsys):
 def test_overlays_of_multiclass_and_multitask_runs_draw_the_scored_masks(tested_run: Path, mode: str):
     """A multiclass run's lesion is 1 - p(background), a multitask run's mask is refined by its label: the
     overlays draw the masks the evaluator scored, not a one-channel reading of the output."""
-    data_root = tested_run.parents[3] / "data"
-    cfg = load_config(
-        DEMO,
-        [
-            f"data.data_root={data_root}",
-            f"output.root={tested_run.parents[3] / mode}",
-            "data.image_size=32",
-            "data.folds=2",
-            "model.params.base_width=4",
-            "train.epochs=1",
-            "train.batch_size=4",
-            "output.tensorboard=false",
-            f"task.mode={mode}",
-        ],
-    )
-    train(cfg)
-    run = cfg.run_dir()
-    evaluate_run(run)
+    root = tested_run.parents[3]
+    run = train_and_test(root / "data", root / mode, "train.epochs=1", f"task.mode={mode}")
     scores = pd.read_csv(run / "test" / "ensemble_per_image.csv", dtype={"sample_id": str})
     assert_cases_are_the_scored_masks(overlay_cases(run, n=3), scores)
