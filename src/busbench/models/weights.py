@@ -328,11 +328,12 @@ def _fit_input_channels(value: Tensor, expected: Tensor, in_channels: int) -> Te
         return None
     if value.shape[0] != expected.shape[0] or value.shape[2:] != expected.shape[2:]:
         return None
-    if value.shape[1] == 3 and in_channels == 1:
-        return value.sum(dim=1, keepdim=True)
-    if value.shape[1] == 1 and in_channels == 3:
-        return value.repeat(1, 3, 1, 1) / 3
-    return None
+    if (value.shape[1], in_channels) not in ((3, 1), (1, 3)):
+        return None
+    from timm.models import adapt_input_conv  # imported here: timm's model zoo takes seconds to import
+
+    # timm sums RGB kernels for a grey input and repeats a grey kernel scaled by 1/3 for an RGB input
+    return adapt_input_conv(in_channels, value, base_chans=value.shape[1])
 
 
 def _resample_pos_embed(value: Tensor, expected: Tensor) -> Tensor | None:
