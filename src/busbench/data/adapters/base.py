@@ -79,6 +79,7 @@ class Adapter:
     layout: ClassVar[str] = ""  # one-line description of the expected layout, quoted in error messages
     search_depth: ClassVar[int] = 4  # how many folder levels below raw_root/<folder> locate() looks
     marks: ClassVar[tuple[str, ...]] = ()  # what the dataset's own folder holds: "name/" a folder, "name" a file
+    size_quirk: ClassVar[str | None] = None  # documented image/mask size mismatch, if any (see decode_binary)
 
     def __init__(self) -> None:
         self.excluded: dict[str, str] = {}  # sample_id -> reason, filled by the last scan()
@@ -125,8 +126,12 @@ class Adapter:
         raise NotImplementedError
 
     def decode(self, sample: RawSample) -> DecodedSample:
-        """Read the sample's image and mask(s) and apply the dataset's quirk rules."""
-        raise NotImplementedError
+        """Read the sample's image and mask(s) and apply the dataset's quirk rules.
+
+        By default the masks are binary and the lesion class is the image's label (:func:`decode_binary`, with the
+        dataset's :attr:`size_quirk`); datasets with other mask encodings override this.
+        """
+        return decode_binary(sample, self.size_quirk)
 
 
 # Archive by-products that hold copies of the folder structure but no real data.

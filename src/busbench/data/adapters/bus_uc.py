@@ -17,11 +17,9 @@ from pathlib import Path
 from busbench.data import layouts as L
 from busbench.data.adapters.base import (
     Adapter,
-    DecodedSample,
     RawSample,
     check_pairs,
     check_sample_id,
-    decode_binary,
     list_files,
     make_sample,
     register_adapter,
@@ -36,6 +34,7 @@ class BusUcAdapter(Adapter):
     labels = ("benign", "malignant")
     layout = "Benign/{images,masks}/ and Malignant/{images,masks}/ with the mask under its image's file name"
     marks = tuple(f"{cls}/" for cls in L.BUS_UC_CLASSES)
+    size_quirk = "BUS-UC mirrors have a 1-px image/mask size mismatch"
 
     def list_samples(self, dataset_dir: Path) -> list[RawSample]:
         samples: list[RawSample] = []
@@ -64,6 +63,3 @@ class BusUcAdapter(Adapter):
                 )
                 samples.append(make_sample(sample_id, label, image, masks[image.name]))
         return samples
-
-    def decode(self, sample: RawSample) -> DecodedSample:
-        return decode_binary(sample, size_quirk="BUS-UC mirrors have a 1-px image/mask size mismatch")

@@ -27,7 +27,6 @@ from busbench.data.adapters.base import (
     DecodedSample,
     MetadataTable,
     RawSample,
-    decode_binary,
     make_sample,
     read_table,
     register_adapter,
@@ -108,7 +107,7 @@ class BusbraAdapter(Adapter):
         return samples
 
     def decode(self, sample: RawSample) -> DecodedSample:
-        decoded = decode_binary(sample)
+        decoded = super().decode(sample)
         h, w = decoded.image.shape[:2]
         stated = (sample.meta.get("Width", ""), sample.meta.get("Height", ""))
         if all(v.isdigit() for v in stated) and (int(stated[0]), int(stated[1])) != (w, h):

@@ -23,11 +23,9 @@ from pathlib import Path
 from busbench.data import layouts as L
 from busbench.data.adapters.base import (
     Adapter,
-    DecodedSample,
     RawSample,
     check_images_have_masks,
     check_masks_have_images,
-    decode_binary,
     list_files,
     make_sample,
     register_adapter,
@@ -122,6 +120,3 @@ class BusiAdapter(Adapter):
 
     def list_samples(self, dataset_dir: Path) -> list[RawSample]:
         return scan_busi_folder(dataset_dir, self.key)
-
-    def decode(self, sample: RawSample) -> DecodedSample:
-        return decode_binary(sample)

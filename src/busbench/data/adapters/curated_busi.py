@@ -29,10 +29,8 @@ from typing import Any
 from busbench.data import layouts as L
 from busbench.data.adapters.base import (
     Adapter,
-    DecodedSample,
     RawSample,
     check_pairs,
-    decode_binary,
     find_dataset_dir,
     list_files,
     make_sample,
@@ -207,6 +205,3 @@ class CuratedBusiAdapter(Adapter):
                     "not in the Curated BUSI keep-list (duplicate or inconsistent)"
                 )
         return kept
-
-    def decode(self, sample: RawSample) -> DecodedSample:
-        return decode_binary(sample)

@@ -22,10 +22,8 @@ from typing import Any
 from busbench.data import layouts as L
 from busbench.data.adapters.base import (
     Adapter,
-    DecodedSample,
     MetadataTable,
     RawSample,
-    decode_binary,
     make_sample,
     register_adapter,
 )
@@ -115,6 +113,3 @@ class Yap2018Adapter(Adapter):
         for folder in (images_dir, masks_dir):
             table.check_folder(folder, by="stem")
         return samples
-
-    def decode(self, sample: RawSample) -> DecodedSample:
-        return decode_binary(sample)
