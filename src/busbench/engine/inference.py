@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -53,38 +54,49 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def foreground_probability(model: nn.Module, images: Tensor, tta: bool = False) -> Tensor:
-    """Sigmoid of the model's main output ``(B, 1, H, W)`` in float32, optionally averaged with the h-flip."""
-    out = model(images)
-    if isinstance(out, list | tuple):  # deep supervision in eval mode should not happen, but main comes first
-        out = out[0]
-    prob = torch.sigmoid(out.float())
-    if tta:
-        flipped = model(torch.flip(images, dims=[-1]))
-        if isinstance(flipped, list | tuple):
-            flipped = flipped[0]
-        prob = 0.5 * (prob + torch.flip(torch.sigmoid(flipped.float()), dims=[-1]))
-    return prob
+def main_output(out: Tensor | Sequence[Tensor]) -> Tensor:
+    """A model's main output: the first of a deep-supervision list (which eval mode should not return)."""
+    return out[0] if isinstance(out, list | tuple) else out
+
+
+def hflip(t: Tensor) -> Tensor:
+    """Horizontal flip of an image batch or a probability map (the last axis)."""
+    return torch.flip(t, dims=[-1])
+
+
+#: output of one model -> (per-pixel probabilities ``(B, ..., H, W)``, per-image probabilities ``(B, K)`` or None)
+Probabilities = Callable[[Any], tuple[Tensor, Tensor | None]]
 
 
 @torch.inference_mode()
-def predict(
+def predict_probabilities(
     models: Sequence[nn.Module],
     images: Tensor,
     device: torch.device,
     dtype: torch.dtype | None,
+    probabilities: Probabilities,
     tta: bool = False,
     channels_last: bool = False,
-) -> Tensor:
-    """Foreground probabilities of every model on one batch: ``(n_models, B, H, W)`` float32 on the CPU.
+) -> tuple[Tensor, Tensor | None]:
+    """``probabilities`` of every model's output on one batch, stacked per model, in float32 on the CPU.
 
-    ``images`` is the network input, already normalised (:func:`busbench.data.loader.network_input`).
+    ``images`` is the network input, already normalised (:func:`busbench.data.loader.network_input`). With ``tta``
+    each model also sees the horizontally flipped batch: its per-pixel probabilities are flipped back and averaged
+    with the plain ones, its per-image probabilities averaged as they are.
     """
     x = images.to(device, non_blocking=True)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    probs = []
+    maps, per_image = [], []
     with autocast(device, dtype):
         for model in models:
-            probs.append(foreground_probability(model, x, tta)[:, 0])
-    return torch.stack(probs).cpu()
+            pixel, image = probabilities(model(x))
+            if tta:
+                pixel_f, image_f = probabilities(model(hflip(x)))
+                pixel = 0.5 * (pixel + hflip(pixel_f))
+                if image is not None:
+                    image = 0.5 * (image + image_f)
+            maps.append(pixel)
+            per_image.append(image)
+    images_out = torch.stack(per_image).cpu() if per_image and per_image[0] is not None else None
+    return torch.stack(maps).cpu(), images_out

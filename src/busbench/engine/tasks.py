@@ -47,7 +47,7 @@ from busbench.atomic import atomic_write_text
 from busbench.config import Config
 from busbench.data.loader import network_input
 from busbench.engine.checkpoint import unwrap
-from busbench.engine.inference import autocast, predict
+from busbench.engine.inference import autocast, main_output, predict_probabilities
 from busbench.errors import ConfigError, ModelError
 from busbench.losses import build_loss
 from busbench.methods.adversarial import STAGE_WEIGHTS, AdversarialDeepSupervision
@@ -94,10 +94,6 @@ class Prediction:
             return None if t is None else torch.cat([t, t.mean(dim=0, keepdim=True)])
 
         return Prediction(add(self.lesion), add(self.pixel), add(self.image))
-
-
-def _flip(t: Tensor) -> Tensor:
-    return torch.flip(t, dims=[-1])
 
 
 def _threshold_below(threshold: float) -> float:
@@ -226,9 +222,20 @@ class Task:
         channels_last: bool = False,
     ) -> Prediction:
         """Probabilities of every model on one batch of ``(B, C, S, S)`` uint8 images as loaded; they are normalised
-        on ``device`` (:func:`busbench.data.loader.network_input`, ``data.normalize``)."""
+        on ``device`` (:func:`busbench.data.loader.network_input`, ``data.normalize``). :meth:`probabilities` reads
+        one model's output, :meth:`prediction` assembles the stacked result."""
         x = network_input(images, self.cfg.data.normalize, device, channels_last)
-        return Prediction(predict(models, x, device, dtype, tta=tta))
+        pixel, image = predict_probabilities(models, x, device, dtype, self.probabilities, tta, channels_last)
+        return self.prediction(pixel, image)
+
+    def probabilities(self, out: Any) -> tuple[Tensor, Tensor | None]:
+        """One model's output -> (per-pixel probabilities, per-image probabilities or None); binary: the
+        foreground probability ``(B, H, W)``, the sigmoid of the main output's channel."""
+        return torch.sigmoid(main_output(out).float())[:, 0], None
+
+    def prediction(self, pixel: Tensor, image: Tensor | None) -> Prediction:
+        """:class:`Prediction` from :meth:`probabilities` stacked over the models."""
+        return Prediction(pixel)
 
     def finalize(self, pred: Prediction, threshold: float) -> Prediction:
         """Post-processing applied to every source after ensembling (multitask: refinement)."""
@@ -300,25 +307,10 @@ class MulticlassTask(Task):
             check_class_target(target, NUM_CLASSES)  # on the host copy: the loss does not read device values
         return criterion(outputs, target.to(y.device, non_blocking=True))
 
-    @torch.inference_mode()
-    def predict(
-        self,
-        models: Sequence[nn.Module],
-        images: Tensor,
-        device: torch.device,
-        dtype: torch.dtype | None,
-        tta: bool = False,
-        channels_last: bool = False,
-    ) -> Prediction:
-        x = network_input(images, self.cfg.data.normalize, device, channels_last)
-        probs = []
-        with autocast(device, dtype):
-            for model in models:
-                p = torch.softmax(_main(model(x)).float(), dim=1)
-                if tta:
-                    p = 0.5 * (p + _flip(torch.softmax(_main(model(_flip(x))).float(), dim=1)))
-                probs.append(p)
-        pixel = torch.stack(probs).cpu()
+    def probabilities(self, out: Any) -> tuple[Tensor, Tensor | None]:
+        return torch.softmax(main_output(out).float(), dim=1), None
+
+    def prediction(self, pixel: Tensor, image: Tensor | None) -> Prediction:
         return Prediction(lesion=1.0 - pixel[:, :, 0], pixel=pixel)
 
     def image_outputs(self, pred, source, item, threshold, restore_fn=None):
@@ -379,30 +371,12 @@ class MultitaskTask(Task):
         labels = torch.as_tensor(batch["label"]).to(y.device, non_blocking=True)
         return criterion(outputs, y, labels)
 
-    @torch.inference_mode()
-    def predict(
-        self,
-        models: Sequence[nn.Module],
-        images: Tensor,
-        device: torch.device,
-        dtype: torch.dtype | None,
-        tta: bool = False,
-        channels_last: bool = False,
-    ) -> Prediction:
-        x = network_input(images, self.cfg.data.normalize, device, channels_last)
-        segs, classes = [], []
-        with autocast(device, dtype):
-            for model in models:
-                seg, cls = model(x)
-                seg_p = torch.sigmoid(_main(seg).float())[:, 0]
-                cls_p = torch.softmax(cls.float(), dim=1)
-                if tta:
-                    seg_f, cls_f = model(_flip(x))
-                    seg_p = 0.5 * (seg_p + _flip(torch.sigmoid(_main(seg_f).float())[:, 0]))
-                    cls_p = 0.5 * (cls_p + torch.softmax(cls_f.float(), dim=1))
-                segs.append(seg_p)
-                classes.append(cls_p)
-        return Prediction(lesion=torch.stack(segs).cpu(), image=torch.stack(classes).cpu())
+    def probabilities(self, out: Any) -> tuple[Tensor, Tensor | None]:
+        seg, cls = out
+        return torch.sigmoid(main_output(seg).float())[:, 0], torch.softmax(cls.float(), dim=1)
+
+    def prediction(self, pixel: Tensor, image: Tensor | None) -> Prediction:
+        return Prediction(lesion=pixel, image=image)
 
     def finalize(self, pred: Prediction, threshold: float) -> Prediction:
         if not self.cfg.task.refine:
@@ -449,10 +423,6 @@ class MultitaskTask(Task):
 
 def _json_safe(scores: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in scores.items()}
-
-
-def _main(out: Tensor | Sequence[Tensor]) -> Tensor:
-    return out[0] if isinstance(out, list | tuple) else out
 
 
 TASKS: dict[str, type[Task]] = {"binary": Task, "multiclass": MulticlassTask, "multitask": MultitaskTask}
