@@ -67,21 +67,35 @@ from busbench.locking import locked
 from busbench.metrics import per_image_batch, summarize
 from busbench.models.cost import count_macs, count_params
 
-PER_IMAGE_COLUMNS = (
-    "sample_id",
-    "dataset_key",
-    "patient_id",
-    "group_id",
-    "label",
+#: the scores of one image; their means lead the summary columns
+IMAGE_SCORES = (
     "dice",
     "iou",
     "hd95",
     "precision",
     "recall",
     "specificity",
+)
+PER_IMAGE_COLUMNS = (
+    "sample_id",
+    "dataset_key",
+    "patient_id",
+    "group_id",
+    "label",
+    *IMAGE_SCORES,
     "penalised",
     "pred_empty",
     "gt_empty",
+)
+SCORE_COLUMNS = (
+    *IMAGE_SCORES,
+    "dice_lesion",
+    "iou_lesion",
+    "hd95_lesion",
+    "precision_lesion",
+    "recall_lesion",
+    "hd95_penalised",
+    "normal_fp_rate",
 )
 SUMMARY_COLUMNS = (
     "experiment",
@@ -90,19 +104,7 @@ SUMMARY_COLUMNS = (
     "model",
     "fold",
     "n_test",
-    "dice",
-    "iou",
-    "hd95",
-    "precision",
-    "recall",
-    "specificity",
-    "dice_lesion",
-    "iou_lesion",
-    "hd95_lesion",
-    "precision_lesion",
-    "recall_lesion",
-    "hd95_penalised",
-    "normal_fp_rate",
+    *SCORE_COLUMNS,
     "n_lesion",
     "n_normal",
     "params_m",
@@ -119,21 +121,6 @@ SUMMARY_COLUMNS = (
     "n_excluded",
     "manifest_sha256",
     "config_hash",
-)
-SCORE_COLUMNS = (
-    "dice",
-    "iou",
-    "hd95",
-    "precision",
-    "recall",
-    "specificity",
-    "dice_lesion",
-    "iou_lesion",
-    "hd95_lesion",
-    "precision_lesion",
-    "recall_lesion",
-    "hd95_penalised",
-    "normal_fp_rate",
 )
 # Settings that may differ at test time from training: how to score, where the data is, which device.
 TEST_TIME_KEYS = (
