@@ -37,6 +37,7 @@ from busbench.atomic import atomic_write_text
 from busbench.config import config_from_file
 from busbench.engine.results import run_of, tag_of
 from busbench.errors import BusbenchError, DataError
+from busbench.report.tables import add_results_arguments, markdown_lines, number, results_dirs, write_csv
 
 SUMMARY = "summary.csv"
 # the score columns of a summary.csv (busbench.engine.evaluate writes them; kept here so that aggregating
@@ -263,16 +264,6 @@ def leaderboard(runs: list[pd.DataFrame], sort_by: str = "dice_lesion") -> pd.Da
     )
 
 
-def _fmt(value: float, digits: int) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-def _md_table(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in body]
-    return "\n".join(lines)
-
-
 _RESOLUTION_TEXT = {
     "original": "each image's original resolution (ground truth not resampled)",
     "network": "the network's input resolution, letterbox padding excluded",
@@ -310,7 +301,7 @@ def to_markdown(
     for dataset, group in board.groupby("dataset", sort=True):
         n_test = group["n_test"].iloc[0]
         differing = mixed.get(str(dataset), [])
-        parts += [f"## {dataset} (test images: {_fmt(float(n_test), 0)})", ""]
+        parts += [f"## {dataset} (test images: {number(float(n_test), 0)})", ""]
         if differing:
             parts += [
                 f"**Mixed settings ({', '.join(differing)} differ between rows; tabulated with --allow-mixed): "
@@ -345,16 +336,16 @@ def to_markdown(
             cells += [str(r[c]) for c in differing]
             cells += [str(r["n_folds"])]
             for col, digits in MD_COLUMNS:
-                cells.append(f"{_fmt(r[f'{col}_mean'], digits)} ± {_fmt(r[f'{col}_std'], digits)}")
+                cells.append(f"{number(r[f'{col}_mean'], digits)} ± {number(r[f'{col}_std'], digits)}")
             cells += [
-                _fmt(r["ensemble_dice_lesion"], 4),
-                _fmt(r["ensemble_dice"], 4),
-                _fmt(r["ensemble_hd95"], 2),
-                _fmt(r["params_m"], 2),
-                _fmt(r["gmacs"], 2),
+                number(r["ensemble_dice_lesion"], 4),
+                number(r["ensemble_dice"], 4),
+                number(r["ensemble_hd95"], 2),
+                number(r["params_m"], 2),
+                number(r["gmacs"], 2),
             ]
             body.append(cells)
-        parts += [_md_table(header, body), ""]
+        parts += [*markdown_lines(header, body), ""]
     parts += ["## Fold models", ""]
     header = ["dataset", "model", "experiment", "fold", "Dice", "IoU", "HD95", "pen.", "best epoch"]
     body = []
@@ -365,14 +356,14 @@ def to_markdown(
                 str(r["model"]),
                 str(r["experiment"]),
                 str(r["fold"]),
-                _fmt(float(r["dice"]), 4),
-                _fmt(float(r["iou"]), 4),
-                _fmt(float(r["hd95"]), 2),
-                _fmt(float(r["hd95_penalised"]), 0),
-                _fmt(float(r["best_epoch"]), 0) if "best_epoch" in r and pd.notna(r["best_epoch"]) else "–",
+                number(float(r["dice"]), 4),
+                number(float(r["iou"]), 4),
+                number(float(r["hd95"]), 2),
+                number(float(r["hd95_penalised"]), 0),
+                number(float(r["best_epoch"]), 0) if "best_epoch" in r and pd.notna(r["best_epoch"]) else "–",
             ]
         )
-    parts += [_md_table(header, body), ""]
+    parts += [*markdown_lines(header, body), ""]
     return "\n".join(parts)
 
 
@@ -380,9 +371,7 @@ def aggregate(
     dirs: list[Path], out: Path | None = None, allow_mixed: bool = False, sort_by: str = "dice_lesion"
 ) -> tuple[Path, Path]:
     """Write ``leaderboard.csv``, ``leaderboard.md`` and ``folds.csv`` for every run under ``dirs`` into ``out``."""
-    dirs = [Path(d) for d in dirs]
-    if not dirs:
-        raise BusbenchError("give at least one results folder, e.g. busbench aggregate results/demo")
+    dirs = results_dirs(dirs, "busbench aggregate results/demo")
     paths = find_summaries(dirs)
     if not paths:
         raise DataError(
@@ -401,22 +390,17 @@ def aggregate(
     out = Path(out) if out is not None else dirs[0] if dirs[0].is_dir() else dirs[0].parent
     csv_path, md_path = out / "leaderboard.csv", out / "leaderboard.md"
     fold_rows = every[every["fold"] != "ensemble"]
-    atomic_write_text(out / "folds.csv", every.to_csv(index=False, lineterminator="\n"))
-    atomic_write_text(csv_path, board.to_csv(index=False, lineterminator="\n"))
+    write_csv(out / "folds.csv", every)
+    write_csv(csv_path, board)
     atomic_write_text(md_path, to_markdown(board, fold_rows, mixed, sort_by))
     return csv_path, md_path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "dirs",
-        nargs="+",
-        type=Path,
-        metavar="DIR",
-        help="results folders: runs (holding summary.csv) or folders above them",
-    )
-    parser.add_argument(
-        "--out", type=Path, default=None, help="where to write the leaderboard (default: first DIR)"
+    add_results_arguments(
+        parser,
+        dirs_help="results folders: runs (holding summary.csv) or folders above them",
+        out_help="where to write the leaderboard (default: first DIR)",
     )
     parser.add_argument(
         "--allow-mixed",

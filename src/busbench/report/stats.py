@@ -47,6 +47,7 @@ from busbench.config import config_from_file
 from busbench.engine.results import SUMMARY, TEST_DIR
 from busbench.errors import BusbenchError, DataError
 from busbench.metrics import LESION_LABELS
+from busbench.report.tables import markdown_lines, write_csv
 
 METRICS = ("dice", "dice_lesion", "hd95")
 SETTINGS = ("image_size", "resolution", "hd95_mode", "tta", "threshold")
@@ -320,9 +321,8 @@ def to_markdown(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
             return format(float(v), floatfmt)
         return str(v)
 
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+    rows = [[fmt(v) for v in row] for row in df.itertuples(index=False)]
+    return "\n".join(markdown_lines([str(c) for c in cols], rows)) + "\n"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -437,7 +437,7 @@ def compare(
     written = []
     for name, df in results.items():
         csv_path, md_path = out / f"{name}.csv", out / f"{name}.md"
-        atomic_write_text(csv_path, df.to_csv(index=False, float_format="%.6g", lineterminator="\n"))
+        write_csv(csv_path, df, float_format="%.6g")
         atomic_write_text(md_path, to_markdown(df))
         written += [csv_path, md_path]
     if "nemenyi" in test:
@@ -472,15 +472,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    written = compare(
-        args.dirs,
-        args.out,
-        source=args.source,
-        n_boot=args.n_boot,
-        seed=args.seed,
-        allow_mixed=args.allow_mixed,
-        n_perm=args.n_perm,
-    )
+    written = compare(args.dirs, args.out, args.source, args.n_boot, args.seed, args.allow_mixed, args.n_perm)
     for path in written:
         if path.suffix == ".md":
             print(f"## {path.stem}\n{path.read_text()}")

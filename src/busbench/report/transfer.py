@@ -30,7 +30,8 @@ from busbench.atomic import atomic_write_text
 from busbench.config import DATASET_KEYS, Config, config_from_file
 from busbench.data import leakage
 from busbench.engine.results import SUMMARY, TRANSFER_PREFIX
-from busbench.errors import BusbenchError, DataError
+from busbench.errors import DataError
+from busbench.report.tables import add_results_arguments, markdown_lines, number, results_dirs, write_csv
 
 CONFIG = "config.yaml"
 COLUMNS = (
@@ -144,18 +145,11 @@ def transfer_table(dirs: list[Path]) -> pd.DataFrame:
     ).reset_index(drop=True)
 
 
-def _fmt(value: float, digits: int) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
 def _matrix(group: pd.DataFrame, metric: str, digits: int, with_std: bool) -> list[str]:
     trains = sorted(set(group["train_dataset"]))
     tests = sorted(set(group["test_dataset"]))
     cells = {(r["train_dataset"], r["test_dataset"]): r for _, r in group.iterrows()}
-    lines = [
-        "| train \\ test | " + " | ".join(tests) + " |",
-        "|---|" + "|".join("---" for _ in tests) + "|",
-    ]
+    rows = []
     for tr in trains:
         out = []
         for te in tests:
@@ -163,12 +157,12 @@ def _matrix(group: pd.DataFrame, metric: str, digits: int, with_std: bool) -> li
             if r is None:
                 out.append("")
                 continue
-            text = _fmt(float(r[metric]), digits)
+            text = number(float(r[metric]), digits)
             if with_std and not math.isnan(float(r["dice_std"])):
-                text += f" ± {_fmt(float(r['dice_std']), digits)}"
+                text += f" ± {number(float(r['dice_std']), digits)}"
             out.append(f"**{text}**" if tr == te else text)
-        lines.append(f"| {tr} | " + " | ".join(out) + " |")
-    return lines
+        rows.append([tr, *out])
+    return markdown_lines(["train \\ test", *tests], rows)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -198,27 +192,20 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 def write_transfer(dirs: list[Path], out: Path | None = None) -> tuple[Path, Path]:
     """Write ``transfer.csv`` and ``transfer.md`` for every tested run below ``dirs`` into ``out``."""
-    dirs = [Path(d) for d in dirs]
-    if not dirs:
-        raise BusbenchError("give at least one results folder, e.g. busbench transfer results/transfer")
+    dirs = results_dirs(dirs, "busbench transfer results/transfer")
     table = transfer_table(dirs)
     out = Path(out) if out is not None else dirs[0]
     csv_path, md_path = out / "transfer.csv", out / "transfer.md"
-    atomic_write_text(csv_path, table.to_csv(index=False, lineterminator="\n"))
+    write_csv(csv_path, table)
     atomic_write_text(md_path, to_markdown(table))
     return csv_path, md_path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "dirs",
-        nargs="+",
-        type=Path,
-        metavar="DIR",
-        help="results folders holding tested runs (or run folders)",
-    )
-    parser.add_argument(
-        "--out", type=Path, default=None, help="where to write transfer.csv/.md (default: first DIR)"
+    add_results_arguments(
+        parser,
+        dirs_help="results folders holding tested runs (or run folders)",
+        out_help="where to write transfer.csv/.md (default: first DIR)",
     )
 
 
