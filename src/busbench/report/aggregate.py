@@ -33,11 +33,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from busbench.atomic import atomic_write_text
 from busbench.config import config_from_file
 from busbench.engine.results import run_of, tag_of
 from busbench.errors import BusbenchError, DataError
-from busbench.report.tables import add_results_arguments, markdown_lines, number, results_dirs, write_csv
+from busbench.report.tables import (
+    add_results_arguments,
+    markdown_lines,
+    number,
+    results_dirs,
+    write_csv,
+    write_csv_and_markdown,
+)
 
 SUMMARY = "summary.csv"
 # the score columns of a summary.csv (busbench.engine.evaluate writes them; kept here so that aggregating
@@ -388,12 +394,9 @@ def aggregate(
     lead = ["experiment", "train_data", "dataset", "model", "fold"]
     every = every[lead + [c for c in every.columns if c not in lead]]
     out = Path(out) if out is not None else dirs[0] if dirs[0].is_dir() else dirs[0].parent
-    csv_path, md_path = out / "leaderboard.csv", out / "leaderboard.md"
     fold_rows = every[every["fold"] != "ensemble"]
     write_csv(out / "folds.csv", every)
-    write_csv(csv_path, board)
-    atomic_write_text(md_path, to_markdown(board, fold_rows, mixed, sort_by))
-    return csv_path, md_path
+    return write_csv_and_markdown(out, "leaderboard", board, to_markdown(board, fold_rows, mixed, sort_by))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -47,7 +47,7 @@ from busbench.config import config_from_file
 from busbench.engine.results import SUMMARY, TEST_DIR
 from busbench.errors import BusbenchError, DataError
 from busbench.metrics import LESION_LABELS
-from busbench.report.tables import markdown_lines, write_csv
+from busbench.report.tables import markdown_lines, write_csv_and_markdown
 
 METRICS = ("dice", "dice_lesion", "hd95")
 SETTINGS = ("image_size", "resolution", "hd95_mode", "tta", "threshold")
@@ -436,10 +436,7 @@ def compare(
     }
     written = []
     for name, df in results.items():
-        csv_path, md_path = out / f"{name}.csv", out / f"{name}.md"
-        write_csv(csv_path, df, float_format="%.6g")
-        atomic_write_text(md_path, to_markdown(df))
-        written += [csv_path, md_path]
+        written += write_csv_and_markdown(out, name, df, to_markdown(df), float_format="%.6g")
     if "nemenyi" in test:
         nemenyi = test["nemenyi"]
         path = out / "nemenyi.csv"

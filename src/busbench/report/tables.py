@@ -32,6 +32,16 @@ def write_csv(path: Path, table: pd.DataFrame, float_format: str | None = None) 
     return path
 
 
+def write_csv_and_markdown(
+    out: Path, name: str, table: pd.DataFrame, markdown: str, float_format: str | None = None
+) -> tuple[Path, Path]:
+    """``<out>/<name>.csv`` (:func:`write_csv`) and ``<out>/<name>.md`` holding ``markdown``, in that order."""
+    csv_path, md_path = out / f"{name}.csv", out / f"{name}.md"
+    write_csv(csv_path, table, float_format)
+    atomic_write_text(md_path, markdown)
+    return csv_path, md_path
+
+
 def results_dirs(dirs: Sequence[Path], example: str) -> list[Path]:
     """The results folders a command was given; none is an error that shows ``example``, a command line."""
     if not dirs:

@@ -26,12 +26,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from busbench.atomic import atomic_write_text
 from busbench.config import DATASET_KEYS, Config, config_from_file
 from busbench.data import leakage
 from busbench.engine.results import SUMMARY, TRANSFER_PREFIX
 from busbench.errors import DataError
-from busbench.report.tables import add_results_arguments, markdown_lines, number, results_dirs, write_csv
+from busbench.report.tables import (
+    add_results_arguments,
+    markdown_lines,
+    number,
+    results_dirs,
+    write_csv_and_markdown,
+)
 
 CONFIG = "config.yaml"
 COLUMNS = (
@@ -195,10 +200,7 @@ def write_transfer(dirs: list[Path], out: Path | None = None) -> tuple[Path, Pat
     dirs = results_dirs(dirs, "busbench transfer results/transfer")
     table = transfer_table(dirs)
     out = Path(out) if out is not None else dirs[0]
-    csv_path, md_path = out / "transfer.csv", out / "transfer.md"
-    write_csv(csv_path, table)
-    atomic_write_text(md_path, to_markdown(table))
-    return csv_path, md_path
+    return write_csv_and_markdown(out, "transfer", table, to_markdown(table))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
