@@ -140,8 +140,7 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise DataError(
-            f"{path} not found; --run must be a run folder written by busbench train "
-            "(<output.root>/<experiment>/<dataset>/<model>)"
+            f"{path} not found; --run must be a run folder written by busbench train ({results.RUN_LAYOUT})"
         )
     cfg = config_from_file(path)
     if not overrides:
@@ -534,7 +533,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         type=Path,
         metavar="DIR",
-        help="run folder <output.root>/<experiment>/<dataset>/<model> written by busbench train",
+        help=f"run folder {results.RUN_LAYOUT} written by busbench train",
     )
     parser.add_argument(
         "--set",

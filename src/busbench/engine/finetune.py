@@ -39,6 +39,7 @@ from typing import Any
 from torch import nn
 
 from busbench.engine import checkpoint as ckpt
+from busbench.engine.results import RUN_LAYOUT
 from busbench.errors import ConfigError, ModelError
 
 RUN_CONFIG = "config.yaml"
@@ -68,7 +69,7 @@ def source_checkpoint(init_from: str | Path, fold: int, folds: int) -> Path:
     if not (path / RUN_CONFIG).is_file():
         raise ConfigError(
             f"config key 'train.init_from': {path} holds neither {RUN_CONFIG} (a run folder) nor {ckpt.BEST} (a fold "
-            "folder); point it at <output.root>/<experiment>/<dataset>/<model> or one of its fold<k> folders"
+            f"folder); point it at {RUN_LAYOUT} or one of its fold<k> folders"
         )
     from busbench.config import config_from_file
 

@@ -24,6 +24,10 @@ EXCLUDED = "excluded.csv"
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
+#: where ``busbench train`` writes a run (one ``fold<k>/`` folder per fold model inside)
+RUN_LAYOUT = "<output.root>/<experiment>/<dataset>/<model>"
+
+
 def transfer_dir(run_dir: Path, dataset: str) -> Path:
     """Where ``busbench test --run run_dir --dataset dataset`` writes its results."""
     return Path(run_dir) / f"{TRANSFER_PREFIX}{dataset}"
