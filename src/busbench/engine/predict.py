@@ -182,14 +182,8 @@ class ImageFileDataset(SegmentationDataset):
                 "width": [w for _, w in sizes],
             }
         )
-        super().__init__(
-            rows,
-            image_size=cfg.data.image_size,
-            resize=cfg.data.resize,
-            channels=cfg.data.channels,
-            normalize=cfg.data.normalize,
-            augment=None,
-        )
+        data = cfg.data  # the geometry and normalisation the run was trained with; no augmentation
+        super().__init__(rows, data.image_size, data.resize, data.channels, data.normalize, augment=None)
 
     def pixels(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         rec = self._records[index]
