@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from busbench.config import Config, load_config
 from busbench.data.prepare import prepare
 from busbench.data.synth import synthesize
+from busbench.engine import distributed
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "experiments" / "demo.yaml"
@@ -37,3 +40,16 @@ def tiny_config(data_root: Path, out_root: Path, *overrides: str) -> Config:
             *overrides,
         ],
     )
+
+
+def interrupt_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
+    """Ctrl-C at the end of training epoch ``epoch``, before its checkpoint is written."""
+    real, calls = distributed.mean_across_ranks, {"n": 0}
+
+    def stop(value):
+        calls["n"] += 1
+        if calls["n"] == epoch:
+            raise KeyboardInterrupt
+        return real(value)
+
+    monkeypatch.setattr(distributed, "mean_across_ranks", stop)

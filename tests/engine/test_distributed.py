@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from engine_testdata import DEMO, REPO
+from engine_testdata import DEMO, REPO, interrupt_in_epoch
 
 from busbench.config import load_config
 from busbench.data.loader import EpochSampler
@@ -126,19 +126,6 @@ def _fold(out: Path, k: int) -> Path:
     return out / "demo" / "busi" / "swinunet" / f"fold{k}"
 
 
-def _interrupt_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
-    """Ctrl-C at the end of training epoch ``epoch``, before its checkpoint is written."""
-    real, calls = distributed.mean_across_ranks, {"n": 0}
-
-    def stop(value):
-        calls["n"] += 1
-        if calls["n"] == epoch:
-            raise KeyboardInterrupt
-        return real(value)
-
-    monkeypatch.setattr(distributed, "mean_across_ranks", stop)
-
-
 def _assert_same_fold(single: Path, multi: Path) -> None:
     log_a = pd.read_csv(single / "train_log.csv").drop(columns=["seconds"])
     log_b = pd.read_csv(multi / "train_log.csv").drop(columns=["seconds"])
@@ -175,7 +162,7 @@ def test_torchrun_two_processes_match_one_and_resume_its_checkpoint(
     train(load_config(DEMO, _overrides(synthetic_root, single)))  # both folds, one process
 
     with monkeypatch.context() as m:  # fold 1 in one process, stopped during epoch 2
-        _interrupt_in_epoch(m, 2)
+        interrupt_in_epoch(m, 2)
         with pytest.raises(KeyboardInterrupt):
             train(load_config(DEMO, _overrides(synthetic_root, multi)), folds=[1])
     assert ckpt.load_checkpoint(_fold(multi, 1) / ckpt.LAST)["epoch"] == 1

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import two_ranks
-from engine_testdata import REPO, tiny_config
+from engine_testdata import REPO, interrupt_in_epoch, tiny_config
 from torch import nn
 
 from busbench.engine import checkpoint as ckpt
@@ -42,19 +42,6 @@ def fold_dir(out: Path) -> Path:
 def force_precision(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype | None) -> None:
     """Make the trainer autocast to ``dtype`` on the CPU, as it would on a GPU."""
     monkeypatch.setattr(train_mod, "amp_dtype", lambda device, amp: dtype)
-
-
-def interrupt_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
-    """Ctrl-C at the end of training epoch ``epoch``, before its checkpoint is written."""
-    real, calls = distributed.mean_across_ranks, {"n": 0}
-
-    def stop(value):
-        calls["n"] += 1
-        if calls["n"] == epoch:
-            raise KeyboardInterrupt
-        return real(value)
-
-    monkeypatch.setattr(distributed, "mean_across_ranks", stop)
 
 
 # ------------------------------------------------------------------------------------------------ precision
