@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from engine_testdata import tiny_config
+from zoo_testdata import TINY_CNN
 
 from busbench import cli
 from busbench.config import load_config
@@ -30,13 +31,7 @@ pytest.importorskip("onnx")
 
 # narrow versions of the CNN zoo (every stage kept), at 64 px
 CNN_ZOO = {
-    "unet": {"base_width": 4},
-    "attunet": {"base_width": 4},
-    "unetpp": {"encoder": "resnet18", "decoder_widths": (8, 8, 16, 32)},
-    "unet3p": {"base_width": 4},
-    "unext": {"widths": (4, 8, 16, 24, 32)},
-    "cmunet": {"base_width": 4, "mixer_depth": 2},
-    "cmunext": {"widths": (4, 8, 16, 24, 32), "depths": (1, 1, 1, 2, 1)},
+    **TINY_CNN,
     "skunet": {"base_width": 4},
     "unet_ds": {"base_width": 4},
     "smp_unet": {"encoder": "resnet18"},

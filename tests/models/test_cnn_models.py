@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from torch import nn
+from zoo_testdata import TINY_CNN
 
 from busbench.errors import ModelError
 from busbench.models import create_model
@@ -30,16 +31,7 @@ REFERENCE = {
     "cmunet": (49.93, 69.81),
     "cmunext": (3.15, 5.66),
 }
-# narrow versions that keep every stage of each architecture
-TINY = {
-    "unet": {"base_width": 4},
-    "attunet": {"base_width": 4},
-    "unetpp": {"encoder": "resnet18", "decoder_widths": (8, 8, 16, 32)},
-    "unet3p": {"base_width": 4},
-    "unext": {"widths": (4, 8, 16, 24, 32)},
-    "cmunet": {"base_width": 4, "mixer_depth": 2},
-    "cmunext": {"widths": (4, 8, 16, 24, 32), "depths": (1, 1, 1, 2, 1)},
-}
+TINY = TINY_CNN
 SIZE_MULTIPLE = {
     "unet": 16,
     "attunet": 16,
@@ -51,14 +43,6 @@ SIZE_MULTIPLE = {
 }
 # number of outputs in training mode with deep supervision on (main first)
 DEEP_SUPERVISION = {"unetpp": 4, "unet3p": 5}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def two_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
 
 
 def config_params(name: str) -> dict:

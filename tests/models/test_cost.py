@@ -16,14 +16,6 @@ from busbench.models.cost import count_macs, count_params, profile_forward
 from busbench.models.table import add_arguments, format_markdown, models_table, run
 
 
-@pytest.fixture(autouse=True, scope="module")
-def two_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
-
-
 class Aliased(nn.Module):
     """A block reachable under two attribute names plus a weight shared with a second layer."""
 

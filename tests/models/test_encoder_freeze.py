@@ -65,14 +65,6 @@ def _params(name: str):
     return pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
 
 
-@pytest.fixture(autouse=True)
-def two_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
-
-
 def _build(name: str) -> tuple[nn.Module, int]:
     size, kwargs = SMALL.get(name, (64, {}))
     torch.manual_seed(0)

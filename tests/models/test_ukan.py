@@ -24,14 +24,6 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "models" / "ukan.yaml
 TINY = {"embed_dims": (16, 24, 32)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def two_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
-
-
 def config_params() -> dict:
     data = yaml.safe_load(CONFIG.read_text())
     assert data["model"]["name"] == "ukan"
