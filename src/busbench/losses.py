@@ -25,8 +25,8 @@ Losses are computed in float32 even under mixed precision: Dice and log-sigmoid 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import ModuleType
 
-import segmentation_models_pytorch.losses as smp_losses
 import torch
 from torch import Tensor, nn
 
@@ -54,24 +54,36 @@ class WeightedSum(nn.Module):
         return total
 
 
+def smp_losses() -> ModuleType:
+    """``segmentation_models_pytorch.losses``, imported on first use.
+
+    Importing it imports all of segmentation_models_pytorch, timm and torchvision (about 3 s on a CPU), which
+    evaluation and prediction of busbench's own models never need.
+    """
+    import segmentation_models_pytorch.losses as losses
+
+    return losses
+
+
 def build_criterion(name: str, bce_weight: float = 0.5) -> nn.Module:
     """The single-output criterion named ``name`` (one of :data:`LOSS_NAMES`)."""
-    mode = smp_losses.BINARY_MODE
+    smp = smp_losses()
+    mode = smp.BINARY_MODE
     if name == "bce_dice":
         return WeightedSum(
-            [smp_losses.SoftBCEWithLogitsLoss(), smp_losses.DiceLoss(mode, from_logits=True)],
+            [smp.SoftBCEWithLogitsLoss(), smp.DiceLoss(mode, from_logits=True)],
             [bce_weight, 1.0 - bce_weight],
         )
     if name == "bce":
-        return smp_losses.SoftBCEWithLogitsLoss()
+        return smp.SoftBCEWithLogitsLoss()
     if name == "dice":
-        return smp_losses.DiceLoss(mode, from_logits=True)
+        return smp.DiceLoss(mode, from_logits=True)
     if name == "focal":
-        return smp_losses.FocalLoss(mode, gamma=2.0)
+        return smp.FocalLoss(mode, gamma=2.0)
     if name == "lovasz":
-        return smp_losses.LovaszLoss(mode, from_logits=True)
+        return smp.LovaszLoss(mode, from_logits=True)
     if name == "tversky":
-        return smp_losses.TverskyLoss(mode, from_logits=True, alpha=TVERSKY_ALPHA, beta=TVERSKY_BETA)
+        return smp.TverskyLoss(mode, from_logits=True, alpha=TVERSKY_ALPHA, beta=TVERSKY_BETA)
     raise ConfigError(f"config key 'train.loss' is {name!r}; valid losses: {', '.join(LOSS_NAMES)}")
 
 

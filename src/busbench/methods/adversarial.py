@@ -30,12 +30,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-import segmentation_models_pytorch.losses as smp_losses
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from busbench.errors import ModelError
+from busbench.losses import smp_losses
 
 STAGE_WEIGHTS = (1.0, 0.1, 0.1, 0.1)
 ADV_WEIGHT = 0.05
@@ -130,7 +130,8 @@ class AdversarialDeepSupervision:
         self.grad_clip = grad_clip
         in_ch = (image_channels if condition_on_image else 0) + 1
         self.discriminators = nn.ModuleList(StageDiscriminator(in_ch, base_width) for _ in self.stage_weights)
-        self.dice = smp_losses.DiceLoss(smp_losses.BINARY_MODE, from_logits=True)
+        smp = smp_losses()
+        self.dice = smp.DiceLoss(smp.BINARY_MODE, from_logits=True)
         self._d_optimizer: torch.optim.Optimizer | None = None
         self._pending_optimizer_state: dict[str, Any] | None = None
 

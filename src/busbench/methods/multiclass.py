@@ -16,13 +16,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import segmentation_models_pytorch.losses as smp_losses
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from busbench.errors import DataError, ModelError
-from busbench.losses import deep_supervision_weights
+from busbench.losses import deep_supervision_weights, smp_losses
 
 CLASS_NAMES = ("background", "benign", "malignant")
 NUM_CLASSES = len(CLASS_NAMES)
@@ -103,7 +102,8 @@ def multiclass_loss(logits: Tensor, target: Tensor, ce_weight: float = 0.5) -> T
     if ce_weight:
         total = total + ce_weight * F.cross_entropy(logits, target)
     if ce_weight < 1.0:
-        dice = smp_losses.DiceLoss(smp_losses.MULTICLASS_MODE, from_logits=True)
+        smp = smp_losses()
+        dice = smp.DiceLoss(smp.MULTICLASS_MODE, from_logits=True)
         total = total + (1.0 - ce_weight) * dice(logits, target)
     return total
 

@@ -27,7 +27,6 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -299,6 +298,9 @@ def classification_metrics(
         raise ValueError(f"y_true has {len(y_true)} labels but y_pred has {len(y_pred)}")
     if not len(y_true):
         raise ValueError("classification metrics need at least one image")
+    # imported here: scikit-learn takes a second to import, and only multi-task runs score image labels
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
+
     t = _as_class_indices(y_true, names, "y_true")
     p = _as_class_indices(y_pred, names, "y_pred")
     labels = list(range(len(names)))

@@ -33,7 +33,6 @@ import torch
 from scipy import ndimage
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.models.detection import maskrcnn_resnet50_fpn
 
 from busbench.errors import ModelError
 from busbench.models.base import SegModel
@@ -149,6 +148,9 @@ class MaskRCNNSeg(SegModel):
         self.score_threshold = float(score_threshold)
         self.mask_threshold = float(mask_threshold)
         self.min_area = int(min_area)
+        # imported here: torchvision takes seconds to import; the registry imports this module for every model
+        from torchvision.models.detection import maskrcnn_resnet50_fpn
+
         try:
             self.net = maskrcnn_resnet50_fpn(
                 weights=None,

@@ -19,9 +19,9 @@ import difflib
 import importlib
 import inspect
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-import segmentation_models_pytorch as smp
 from torch import Tensor, nn
 
 from busbench.errors import ModelError
@@ -52,9 +52,17 @@ _MIN_SIZE = {"pan": 128}
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 
+def _smp() -> ModuleType:
+    """segmentation_models_pytorch, imported on first use: it imports timm and torchvision (seconds), and the model
+    registry imports this module whichever model is built."""
+    import segmentation_models_pytorch
+
+    return segmentation_models_pytorch
+
+
 def _installed_archs() -> dict[str, str]:
     """smp architecture key -> class name, for the installed smp version."""
-    return {key: cls.__name__ for key, cls in smp.MODEL_ARCHITECTURES_MAPPING.items()}
+    return {key: cls.__name__ for key, cls in _smp().MODEL_ARCHITECTURES_MAPPING.items()}
 
 
 def resolve_arch(arch: str) -> str:
@@ -63,6 +71,11 @@ def resolve_arch(arch: str) -> str:
     key = str(arch).lower().replace("-", "").replace("_", "")
     if key in SMP_ARCHS:
         key = SMP_ARCHS[key][0]
+    if key not in installed and key in {k for k, _, _ in SMP_ARCHS.values()}:
+        raise ModelError(
+            f"smp architecture {key!r} is not in the installed segmentation_models_pytorch "
+            f"{_smp().__version__}; upgrade it (pip install -U segmentation-models-pytorch)"
+        )
     if key not in installed:
         names = ", ".join(sorted(installed.values()))
         raise ModelError(
@@ -110,7 +123,7 @@ def load_weights_file(encoder: nn.Module, path: str, in_channels: int) -> None:
 
 
 def _encoder_error(encoder: str, exc: Exception) -> ModelError:
-    names = smp.encoders.get_encoder_names()
+    names = _smp().encoders.get_encoder_names()
     if encoder not in names and not str(encoder).startswith("tu-"):
         close = difflib.get_close_matches(str(encoder), names, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -135,7 +148,7 @@ def make_encoder(encoder: str, in_channels: int, encoder_weights: str | None, de
     """
     tag, _ = split_encoder_weights(encoder_weights)
     try:
-        return smp.encoders.get_encoder(encoder, in_channels=in_channels, depth=depth, weights=tag)
+        return _smp().encoders.get_encoder(encoder, in_channels=in_channels, depth=depth, weights=tag)
     except (KeyError, ValueError, TypeError) as exc:
         raise _encoder_error(encoder, exc) from exc
     except (OSError, RuntimeError) as exc:
@@ -204,7 +217,7 @@ class SmpSegModel(SegModel):
     ) -> None:
         super().__init__()
         self.arch = resolve_arch(arch)
-        cls = smp.MODEL_ARCHITECTURES_MAPPING[self.arch]
+        cls = _smp().MODEL_ARCHITECTURES_MAPPING[self.arch]
         _check_arch_kwargs(cls, encoder, arch_kwargs)
         tag, weights_file = split_encoder_weights(encoder_weights)
         try:
@@ -262,15 +275,13 @@ def _arch_builder(short: str):
         return SmpSegModel(arch_key, in_channels, num_classes, encoder, encoder_weights, **arch_kwargs)
 
     build.__name__ = f"build_smp_{short}"
-    build.__doc__ = f"smp {_installed_archs()[arch_key]} with an smp encoder (default resnet34, random init)."
+    build.__doc__ = f"smp architecture {arch_key!r} with an smp encoder (default resnet34, random init)."
     return build
 
 
+# Registered without importing smp (see _smp); an architecture the installed smp lacks fails when it is built.
 for _short, (_key, _paper, _sizes) in SMP_ARCHS.items():
-    if _key in _installed_archs():
-        register_model(f"smp_{_short}", paper=_paper, input_sizes=_sizes, pretrained=True)(
-            _arch_builder(_short)
-        )
+    register_model(f"smp_{_short}", paper=_paper, input_sizes=_sizes, pretrained=True)(_arch_builder(_short))
 
 
 @register_model(

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import timm
 import torch
-from timm.models.swin_transformer import SwinTransformerBlock
 from torch import Tensor, nn
 
 from busbench.errors import ModelError
@@ -64,6 +62,9 @@ class DecoderStage(nn.Module):
     def __init__(
         self, dim: int, resolution: int, depth: int, num_heads: int, window: int, drop_path: Sequence[float]
     ) -> None:
+        # imported here: timm imports torchvision and takes seconds; the registry imports this module for every model
+        from timm.models.swin_transformer import SwinTransformerBlock
+
         super().__init__()
         self.expand = PatchExpand(2 * dim, dim, scale=2)
         self.fuse = nn.Linear(2 * dim, dim)
@@ -129,6 +130,8 @@ class SwinUNet(SegModel):
                 "swinunet needs 4 encoder_depths, 4 num_heads and 3 decoder_depths, got "
                 f"{list(encoder_depths)}, {list(num_heads)}, {list(decoder_depths)}; fix model.params"
             )
+        import timm  # imported here, like SwinTransformerBlock above
+
         self.fixed_sizes = (image_size,)
         self.encoder = timm.create_model(
             "swin_tiny_patch4_window7_224",

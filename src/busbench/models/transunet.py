@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import timm
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -93,6 +92,9 @@ class TransUNet(SegModel):
                 f"transunet decoder_channels needs {len(SKIP_CHANNELS)} entries, got {list(decoder_channels)}; "
                 "set model.params.decoder_channels to e.g. [256, 128, 64, 16]"
             )
+        # imported here: timm imports torchvision and takes seconds; the registry imports this module for every model
+        import timm
+
         self.fixed_sizes = (image_size,)
         self.image_size = image_size
         self.encoder = timm.create_model(
