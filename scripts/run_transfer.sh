@@ -52,14 +52,14 @@ step() {
   fi
 }
 
-# The training command of fold $4 of model $3 on dataset $2, started from the run trained on dataset $1.
+# The training command of model $3 on dataset $2 (every fold), started from the run trained on dataset $1.
 ft_train_cmd() {
-  local a=$1 b=$2 m=$3 k=$4
+  local a=$1 b=$2 m=$3
   local EXPERIMENT="$BASE-from-$a"
   local -a EXTRA_SET=(${SWEEP_SET[@]+"${SWEEP_SET[@]}"} "train.init_from=$RESULTS/$BASE/$a/$m")
   [ "$FREEZE" = 1 ] && EXTRA_SET+=("train.freeze_encoder=true")
   EXTRA_SET+=(${FT_SET[@]+"${FT_SET[@]}"})
-  sweep_train_cmd "$b" "$m" "$k"
+  sweep_train_cmd "$b" "$m"
 }
 
 # 1. train and test every (dataset, model) on its own test split
@@ -82,9 +82,7 @@ if [ "$FINETUNE" = 1 ]; then
     for b in $DATASETS; do
       [ "$a" != "$b" ] || continue
       for m in $MODELS; do
-        for ((k = 0; k < FOLDS; k++)); do
-          step "$(ft_train_cmd "$a" "$b" "$m" "$k")"
-        done
+        step "$(ft_train_cmd "$a" "$b" "$m")"
         run=$RESULTS/$BASE-from-$a/$b/$m
         step "$(printf '%q ' busbench test --run "$run")"
         step "$(printf '%q ' busbench test --run "$run" --dataset "$a")"

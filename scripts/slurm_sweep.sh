@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Write Slurm job-array scripts for a sweep: one array task per (dataset, model, fold), running the same
-# `busbench train` command as the local sweep, plus a follow-up job that tests every run and aggregates.
+# Write Slurm job-array scripts for a sweep: one array task per (dataset, model, fold), running the local sweep's
+# `busbench train` command restricted to that fold (--fold K), plus a follow-up job that tests every run and aggregates.
 #   DATASETS="busi busbra" MODELS="unet unext" FOLDS=5 bash scripts/slurm_sweep.sh [--out DIR] [--partition P]
 #        [--time 24:00:00] [--gpus 1] [--cpus 8] [--mem 32G] [--config FILE] [--experiment NAME] [--set a.b=v]
 # Then: jid=$(sbatch --parsable DIR/train_array.sbatch) && sbatch --dependency=afterok:$jid DIR/finalize.sbatch

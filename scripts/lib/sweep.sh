@@ -5,9 +5,10 @@
 #   --set a.b=v (repeatable, passed to busbench train for every model)
 #   MODEL_SET_<model>="a.b=v c.d=w": overrides for that model only (model.params differ between models), e.g.
 #   MODEL_SET_unet="model.params.base_width=8" MODEL_SET_unext="model.params.widths=[8,16,32,32,64]"
-# Each (dataset, model, fold) is one `busbench train --fold K` call: busbench skips folds that already finished and
-# resumes interrupted ones from their last checkpoint, so re-running a sweep only does what is left. After the folds of
-# a (dataset, model) finish, `busbench test` scores them (recomputed on every run; it reads only finished folds);
+# Each (dataset, model) is one `busbench train` call that trains its folds in turn (a cluster array job runs one
+# `busbench train --fold K` per fold instead): busbench skips folds that already finished and resumes interrupted
+# ones from their last checkpoint, so re-running a sweep only does what is left. After the folds of a
+# (dataset, model) finish, `busbench test` scores them (recomputed on every run; it reads only finished folds);
 # at the end `busbench aggregate` writes the leaderboard. The first failing command stops the sweep with a message
 # naming the step; nothing after it runs. Results are read from files (summary.csv, leaderboard.csv), never parsed
 # from printed output.
@@ -56,10 +57,13 @@ sweep_plan() {
 
 sweep_run_dir() { echo "$RESULTS/$EXPERIMENT/$1/$2"; }
 
+# The training command of model $2 on dataset $1: fold $3 only when given, otherwise every fold in one process.
 sweep_train_cmd() {
-  local d=$1 m=$2 k=$3
-  local cmd=(busbench train --config "$CONFIG" --fold "$k" --set "data.dataset=$d" "model.name=$m"
-    "data.folds=$FOLDS" "experiment.name=$EXPERIMENT" "output.root=$RESULTS")
+  local d=$1 m=$2 k=${3:-}
+  local cmd=(busbench train --config "$CONFIG")
+  [ -z "$k" ] || cmd+=(--fold "$k")
+  cmd+=(--set "data.dataset=$d" "model.name=$m" "data.folds=$FOLDS" "experiment.name=$EXPERIMENT"
+    "output.root=$RESULTS")
   [ ${#EXTRA_SET[@]} -eq 0 ] || cmd+=("${EXTRA_SET[@]}")
   local per_model="MODEL_SET_$m" extra=()
   [[ "$m" =~ ^[A-Za-z0-9_]+$ ]] && read -r -a extra <<< "${!per_model:-}"
@@ -78,21 +82,19 @@ sweep_main() {
   sweep_parse_args "$@"
   local d m k run
   if [ "$DRY_RUN" = 1 ]; then
-    echo "# plan: $(sweep_plan | wc -l | tr -d ' ') fold runs; experiment '$EXPERIMENT' under $RESULTS/"
-    while read -r d m k; do
-      echo "$(sweep_train_cmd "$d" "$m" "$k")"
-    done < <(sweep_plan)
+    echo "# plan: $(sweep_plan | wc -l | tr -d ' ') folds ($FOLDS per run); experiment '$EXPERIMENT' under $RESULTS/"
     for d in $DATASETS; do
-      for m in $MODELS; do echo "busbench test --run $(sweep_run_dir "$d" "$m")"; done
+      for m in $MODELS; do
+        echo "$(sweep_train_cmd "$d" "$m")"
+        echo "busbench test --run $(sweep_run_dir "$d" "$m")"
+      done
     done
     echo "busbench aggregate $RESULTS/$EXPERIMENT --out $RESULTS/$EXPERIMENT"
     return 0
   fi
   for d in $DATASETS; do
     for m in $MODELS; do
-      for ((k = 0; k < FOLDS; k++)); do
-        eval "$(sweep_train_cmd "$d" "$m" "$k")" || sweep_fail "busbench train ($d, $m, fold $k)" $?
-      done
+      eval "$(sweep_train_cmd "$d" "$m")" || sweep_fail "busbench train ($d, $m)" $?
       run=$(sweep_run_dir "$d" "$m")
       busbench test --run "$run" || sweep_fail "busbench test --run $run" $?
     done

@@ -33,7 +33,7 @@ def test_dry_run_plan():
     env = {"DATASETS": "busi busbra", "MODELS": "unet", "FOLDS": "2"}
     lines = run(["--dry-run", "--set", "train.epochs=1"], env).stdout.splitlines()
     train = [line for line in lines if line.startswith("busbench train")]
-    assert len(train) == 4 and all("experiment.name=transfer " in line for line in train)
+    assert len(train) == 2 and all("experiment.name=transfer " in line for line in train)
     assert [line.strip() for line in lines if "--dataset" in line] == [
         "busbench test --run results/transfer/busi/unet --dataset busbra",
         "busbench test --run results/transfer/busbra/unet --dataset busi",
@@ -46,7 +46,8 @@ def test_dry_run_with_fine_tuning():
     env = {"DATASETS": "busi busbra", "MODELS": "unet", "FOLDS": "2"}
     lines = run(["--dry-run", "--freeze-encoder", "--ft-set", "train.lr=1e-5"], env).stdout.splitlines()
     tuned = [line for line in lines if "train.init_from" in line]
-    assert len(tuned) == 2 * 2  # (busi -> busbra, busbra -> busi) x 2 folds
+    assert len(tuned) == 2  # busi -> busbra and busbra -> busi, each training its 2 folds in one call
+    assert all("--fold" not in line for line in tuned)
     first = tuned[0]
     assert "data.dataset=busbra" in first and "experiment.name=transfer-from-busi" in first
     assert "train.init_from=results/transfer/busi/unet train.freeze_encoder=true train.lr=1e-5" in first

@@ -21,12 +21,17 @@ def test_dry_run_prints_the_whole_plan():
         ["bash", "scripts/run_cnn.sh", "--dry-run", "--set", "train.epochs=1"],
         env={"DATASETS": "busi busbra", "MODELS": "unet unext", "FOLDS": "2", "EXPERIMENT": "plan"},
     ).stdout.splitlines()
+    assert out[0] == "# plan: 8 folds (2 per run); experiment 'plan' under results/"
+    # one training command per (dataset, model), training every fold, then the test of that run
+    runs = [(d, m) for d in ("busi", "busbra") for m in ("unet", "unext")]
     train = [line for line in out if line.startswith("busbench train")]
-    assert len(train) == 2 * 2 * 2
-    assert "--fold 1 --set data.dataset=busbra model.name=unext" in train[-1]
+    assert len(train) == len(runs)
+    for line, (d, m) in zip(train, runs, strict=True):
+        assert f"--config configs/experiments/benchmark.yaml --set data.dataset={d} model.name={m} data.folds=2" in line
+        assert "--fold" not in line
     assert all("train.epochs=1" in line and "experiment.name=plan" in line for line in train)
-    assert [line for line in out if line.startswith("busbench test")] == [
-        f"busbench test --run results/plan/{d}/{m}" for d in ("busi", "busbra") for m in ("unet", "unext")
+    assert out[1:-1] == [
+        line for d, m in runs for line in (train[runs.index((d, m))], f"busbench test --run results/plan/{d}/{m}")
     ]
     assert out[-1] == "busbench aggregate results/plan --out results/plan"
 
@@ -81,16 +86,16 @@ def test_slurm_array_maps_each_index_to_its_command(tmp_path: Path):
         assert cmd.startswith("busbench train --config configs/experiments/benchmark.yaml")
         assert f"--fold {k} --set data.dataset={d} model.name={m} data.folds=3 experiment.name=cl" in cmd
         assert cmd.endswith("train.epochs=2")
-    # the same command the local sweep would run for that task
+    # the command the local sweep runs for that (dataset, model), restricted to the task's fold
     local = run(
         ["bash", "scripts/run_cnn.sh", "--dry-run", "--set", "train.epochs=2"], env
     ).stdout.splitlines()
     local_train = [line.strip() for line in local if line.startswith("busbench train")]
-    for index in range(len(expected)):
+    for index, (_, _, k) in enumerate(expected):
         cmd = run(
             ["bash", str(array)], {"SLURM_ARRAY_TASK_ID": str(index), "BUSBENCH_SWEEP_ECHO": "1"}
         ).stdout.strip()
-        assert cmd == local_train[index]
+        assert cmd.replace(f" --fold {k} ", " ", 1) == local_train[index // 3]
     finalize = (tmp_path / "finalize.sbatch").read_text().splitlines()
     assert finalize[-1] == "busbench aggregate results/cl --out results/cl"
     assert sum(line.startswith("busbench test --run results/cl/") for line in finalize) == 4

@@ -241,7 +241,7 @@ def test_first_failure_stops_the_sweep(sweep_inputs: tuple[Path, Path], tmp_path
     text = (tmp_path / "bad.log").read_text()
     assert rc == 1, text
     assert "unknown model 'unetx'" in text
-    assert "stopped: busbench train (busi, unetx, fold 0) failed (exit status 1)" in text
+    assert "stopped: busbench train (busi, unetx) failed (exit status 1)" in text
     lines = text.splitlines()
     assert "stopped:" in lines[-1]  # nothing ran after the failing step
     assert "training unet" not in text and "testing" not in text and "leaderboard:" not in text
