@@ -133,10 +133,10 @@ def test_small_unet_learns_real_busi(real_data_root, tmp_path):
         [
             f"data.data_root={data}",
             f"output.root={tmp_path / 'results'}",
-            "data.image_size=96",
+            "data.image_size=64",
             "data.augment=light",
             "model.params.base_width=12",
-            "train.epochs=12",
+            "train.epochs=8",
             "train.batch_size=8",
             "train.lr=3e-3",
             "train.min_lr=1e-4",
@@ -164,4 +164,5 @@ def test_small_unet_learns_real_busi(real_data_root, tmp_path):
         f"centred ellipse {baselines['ellipse']:.4f} ({len(val)} images)"
     )
     assert set(network["sample_id"]) == set(val.rows["sample_id"])
-    assert learned > max(baselines.values()) + 0.1
+    # measured on the CPU: network 0.67, all-background 0.19, centred ellipse 0.15 (32 validation images)
+    assert learned > max(baselines.values()) + 0.25
