@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -343,7 +344,9 @@ def test_gpu_check_dry_run_passes(tmp_path):
     testing, the agreement check, the results section) at toy size on the CPU, so a GPU's first run of it is not
     its first run."""
     results = tmp_path / "results.md"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the interpreter running the tests comes first on PATH, so the script runs with it, activated or not
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(
         ["bash", "bench/gpu.sh", "--dry-run", "--results", str(results), "--workdir", str(tmp_path / "work")],
         cwd=REPO,
