@@ -151,16 +151,13 @@ def _label_counts(labels: np.ndarray) -> dict[str, int]:
     return {str(v): int(c) for v, c in zip(values, counts, strict=True)}
 
 
-def _check_stratifiable(labels: np.ndarray, parts: int, dataset: str, what: str, fix: str) -> None:
-    """DataError unless some label has at least ``parts`` images: stratified splitting into ``parts`` parts needs one.
+def _unstratifiable(dataset: str, what: str, parts: int, counts: Mapping[str, int], fix: str) -> DataError:
+    """The error for ``what`` needing ``parts`` stratified parts when every label has fewer images than that.
 
-    scikit-learn's StratifiedGroupKFold refuses to split when every label has fewer images than parts; this says
-    so in busbench's terms before anything is written.
+    scikit-learn's StratifiedGroupKFold refuses to split when no label has at least as many images as parts; this
+    says so in busbench's terms before anything is written.
     """
-    counts = _label_counts(labels)
-    if max(counts.values(), default=0) >= parts:
-        return
-    raise DataError(
+    return DataError(
         f"{dataset}: {what} needs {parts} stratified parts, but every label has fewer images "
         f"({_label_text(counts)}); {fix}"
     )
@@ -227,10 +224,11 @@ def assign_splits(
         )
     notes = _rare_label_notes(y, g, folds + 1, dataset)
     parts = held_out_partition(n_groups, test_size)[0]
-    most = max(_label_counts(y).values())
-    _check_stratifiable(
-        y, parts, dataset, f"the test split (--test-size {test_size:g})", _test_size_fix(n_groups, most)
-    )
+    counts = _label_counts(y)
+    most = max(counts.values())
+    if most < parts:
+        what = f"the test split (--test-size {test_size:g})"
+        raise _unstratifiable(dataset, what, parts, counts, _test_size_fix(n_groups, most))
     is_test = split_test(y, g, test_size, seed)
     dev = ~is_test
     dev_groups = len(np.unique(g[dev]))
@@ -241,12 +239,12 @@ def assign_splits(
         )
     fold_sorted = np.full(n, -1, dtype=int)
     if official_folds is None:
-        most_dev = max(_label_counts(y[dev]).values())
-        fix = f"use --folds {most_dev}" if most_dev >= 2 else "use a smaller --test-size"
-        _check_stratifiable(
-            y[dev], folds, dataset, f"{folds}-fold cross-validation of the {int(dev.sum())} dev images",
-            f"{fix} or add more images",
-        )
+        dev_counts = _label_counts(y[dev])
+        most_dev = max(dev_counts.values())
+        if most_dev < folds:
+            what = f"{folds}-fold cross-validation of the {int(dev.sum())} dev images"
+            fix = f"use --folds {most_dev}" if most_dev >= 2 else "use a smaller --test-size"
+            raise _unstratifiable(dataset, what, folds, dev_counts, f"{fix} or add more images")
         fold_sorted[dev] = make_folds(y[dev], g[dev], folds, seed)
     else:
         official = np.asarray(list(official_folds), dtype=object)[order]
