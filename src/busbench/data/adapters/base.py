@@ -9,9 +9,10 @@ The contract, in three steps:
 - :meth:`Adapter.locate` finds the dataset's own folder below ``raw_root/<folder>``, through the nestings that
   real archives unpack to (``Dataset_BUSI_with_GT/``, ``BUS_UC/BUS_UC/``, ...).
 - :meth:`Adapter.scan` lists the samples from file names and metadata tables only (no pixel decoding), sorted by
-  ``sample_id`` (adapters implement :meth:`Adapter.list_samples`, which scan sorts), and raises one :class:`~busbench.errors.DataError` for any inconsistency (an image without its
-  mask, a metadata row without a file, a file without a row, an empty class folder, ...). Samples that an
-  adapter option drops are reported in :attr:`Adapter.excluded`.
+  ``sample_id`` (adapters implement :meth:`Adapter.list_samples`, which scan sorts), and raises one
+  :class:`~busbench.errors.DataError` for any inconsistency (an image without its mask, a metadata row without a
+  file, a file without a row, an empty class folder, ...). Samples that an adapter option drops are reported in
+  :attr:`Adapter.excluded`.
 - :meth:`Adapter.decode` reads one sample's image and mask(s) and applies the dataset's quirk rules, returning a
   uint8 image, a boolean lesion mask of the same size, a class map and notes worth recording.
 """

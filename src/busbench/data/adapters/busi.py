@@ -34,7 +34,8 @@ from busbench.errors import DataError
 
 
 def scan_busi_folder(dataset_dir: Path, key: str = "busi") -> list[RawSample]:
-    """Samples of a BUSI copy, sorted by sample id; shared with Curated BUSI built from a BUSI download.
+    """Samples of a BUSI copy (in any order: :meth:`Adapter.scan` sorts them); shared with Curated BUSI built from a
+    BUSI download.
 
     Every PNG in a class folder must follow BUSI's naming, every image must have its ``_mask`` and every mask
     its image, so an incomplete or foreign copy is caught here rather than in training.
@@ -98,7 +99,7 @@ def scan_busi_folder(dataset_dir: Path, key: str = "busi") -> list[RawSample]:
                     meta={"mask_files": str(len(files))},
                 )
             )
-    return sorted(samples, key=lambda s: s.sample_id)
+    return samples
 
 
 def is_busi_dir(path: Path) -> bool:

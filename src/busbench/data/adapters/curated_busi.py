@@ -87,7 +87,8 @@ def is_zenodo_dir(path: Path) -> bool:
 
 
 def scan_zenodo(dataset_dir: Path) -> list[RawSample]:
-    """Samples of the Zenodo release: names checked, every image paired with its mask and vice versa."""
+    """Samples of the Zenodo release (in image order): names checked, every image paired with its mask and vice
+    versa."""
     images: dict[tuple[str, int], Path] = {}
     masks: dict[tuple[str, int], Path] = {}
     for folder, pattern, store, expected in (
@@ -113,7 +114,7 @@ def scan_zenodo(dataset_dir: Path) -> list[RawSample]:
         lambda key: dataset_dir / "masks" / L.curated_mask_name(*key),
         source="the release",
     )
-    samples = [
+    return [
         make_sample(
             L.busi_sample_id(cls, n),
             cls,
@@ -123,7 +124,6 @@ def scan_zenodo(dataset_dir: Path) -> list[RawSample]:
         )
         for (cls, n), image_path in sorted(images.items())
     ]
-    return sorted(samples, key=lambda s: s.sample_id)
 
 
 @register_adapter
