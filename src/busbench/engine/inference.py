@@ -76,23 +76,20 @@ def predict_probabilities(
     dtype: torch.dtype | None,
     probabilities: Probabilities,
     tta: bool = False,
-    channels_last: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """``probabilities`` of every model's output on one batch, stacked per model, in float32 on the CPU.
 
-    ``images`` is the network input, already normalised (:func:`busbench.data.loader.network_input`). With ``tta``
-    each model also sees the horizontally flipped batch: its per-pixel probabilities are flipped back and averaged
-    with the plain ones, its per-image probabilities averaged as they are.
+    ``images`` is the network input as :func:`busbench.data.loader.network_input` returns it: on ``device``,
+    normalised, in the memory layout the models run in. With ``tta`` each model also sees the horizontally flipped
+    batch: its per-pixel probabilities are flipped back and averaged with the plain ones, its per-image
+    probabilities averaged as they are.
     """
-    x = images.to(device, non_blocking=True)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
     maps, per_image = [], []
     with autocast(device, dtype):
         for model in models:
-            pixel, image = probabilities(model(x))
+            pixel, image = probabilities(model(images))
             if tta:
-                pixel_f, image_f = probabilities(model(hflip(x)))
+                pixel_f, image_f = probabilities(model(hflip(images)))
                 pixel = 0.5 * (pixel + hflip(pixel_f))
                 if image is not None:
                     image = 0.5 * (image + image_f)

@@ -225,7 +225,7 @@ class Task:
         on ``device`` (:func:`busbench.data.loader.network_input`, ``data.normalize``). :meth:`probabilities` reads
         one model's output, :meth:`prediction` assembles the stacked result."""
         x = network_input(images, self.cfg.data.normalize, device, channels_last)
-        pixel, image = predict_probabilities(models, x, device, dtype, self.probabilities, tta, channels_last)
+        pixel, image = predict_probabilities(models, x, device, dtype, self.probabilities, tta)
         return self.prediction(pixel, image)
 
     def probabilities(self, out: Any) -> tuple[Tensor, Tensor | None]:
