@@ -33,6 +33,7 @@ from busbench.engine.predict import predict_images
 from busbench.engine.train import train
 from busbench.models import create_model
 from busbench.models.cost import count_params
+from busbench.report.tables import markdown_lines
 
 
 def main() -> None:
@@ -96,8 +97,7 @@ def main() -> None:
                 print(rows[-1])
 
     header = list(rows[0])
-    table = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    table += ["| " + " | ".join(str(r[c]) for c in header) + " |" for r in rows]
+    table = markdown_lines(header, [[str(r[c]) for c in header] for r in rows])
     text = "\n".join(
         [
             *heading("predict"),

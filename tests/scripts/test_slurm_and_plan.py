@@ -31,7 +31,7 @@ def test_dry_run_prints_the_whole_plan():
         assert "--fold" not in line
     assert all("train.epochs=1" in line and "experiment.name=plan" in line for line in train)
     assert out[1:-1] == [
-        line for d, m in runs for line in (train[runs.index((d, m))], f"busbench test --run results/plan/{d}/{m}")
+        line for t, (d, m) in zip(train, runs, strict=True) for line in (t, f"busbench test --run results/plan/{d}/{m}")
     ]
     assert out[-1] == "busbench aggregate results/plan --out results/plan"
 
